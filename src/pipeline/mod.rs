@@ -1,0 +1,230 @@
+//! One job: the stages that turn an image and a target into a flashed card.
+//!
+//! [`flash`] is the whole job as both the CLI and the daemon run it: size
+//! the image, open the target exclusively, ask the guard, check the card is
+//! still the one we were asked to write (DISKSEQ), write, verify. It is
+//! blocking and runs on the caller's thread plus one image-reader thread;
+//! progress goes to an [`Observer`] and a [`Cancel`] stops it between chunks.
+
+pub mod chunks;
+mod verify;
+mod write;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::blockdev::{Access, DeviceError, Target};
+use crate::guard::{Guard, Refusal, Request};
+use crate::image::{Format, Image, ImageError};
+
+pub use write::HEAD;
+
+/// Default I/O size: large enough to reach a card's sequential speed,
+/// small enough to keep three in flight on a Raspberry Pi.
+pub const DEFAULT_CHUNK: usize = 4 << 20;
+/// Allowed chunk sizes; a multiple of [`HEAD`] keeps every write aligned.
+pub const CHUNK_RANGE: std::ops::RangeInclusive<usize> = HEAD..=(64 << 20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Write,
+    Verify,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Write => "write",
+            Stage::Verify => "verify",
+        }
+    }
+}
+
+/// Receives progress; called from the job's thread, so it must be cheap.
+pub trait Observer: Send + Sync {
+    fn stage(&self, _stage: Stage) {}
+    fn progress(&self, _stage: Stage, _done: u64, _total: u64) {}
+}
+
+/// An observer that ignores everything.
+#[derive(Debug, Default)]
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// Asks a running job to stop at its next chunk.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The flag itself, for `signal_hook::flag::register`.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.0)
+    }
+
+    fn check(&self, target: &Target) -> Result<(), JobError> {
+        if self.is_cancelled() { Err(JobError::Cancelled { device: target.path().to_owned() }) } else { Ok(()) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Refused(#[from] Refusal),
+    #[error("{}: verification failed: first difference at byte offset {offset}", device.display())]
+    Mismatch { device: PathBuf, offset: u64 },
+    #[error("{}: interrupted", device.display())]
+    Cancelled { device: PathBuf },
+    #[error("{}: the card was changed (DISKSEQ {found}, expected {expected})", device.display())]
+    MediaChanged { device: PathBuf, expected: u64, found: u64 },
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl JobError {
+    /// Exit status for the CLI: 3 refused by the guard, 4 the card does not
+    /// hold the image, 130 interrupted, 1 anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Refused(_) => 3,
+            Self::Mismatch { .. } => 4,
+            Self::Cancelled { .. } => 130,
+            _ => 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub verify: bool,
+    /// Allow fixed disks; never overrides the other guard rules.
+    pub force: bool,
+    pub chunk_size: usize,
+    /// The media the caller saw; a different card in the reader is refused.
+    pub expected_diskseq: Option<u64>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { verify: true, force: false, chunk_size: DEFAULT_CHUNK, expected_diskseq: None }
+    }
+}
+
+/// What a finished job did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub image: PathBuf,
+    pub format: Format,
+    pub target: PathBuf,
+    pub diskseq: Option<u64>,
+    pub raw_size: u64,
+    /// SHA-256 of the raw image bytes, computed while writing.
+    pub sha256: String,
+    pub write_seconds: f64,
+    pub verify_seconds: Option<f64>,
+}
+
+/// Writes `image` to `target` and (by default) verifies it.
+pub fn flash(
+    image: &mut Image,
+    target: &Path,
+    opts: &Options,
+    guard: &Guard,
+    observer: &dyn Observer,
+    cancel: &Cancel,
+) -> Result<Report, JobError> {
+    let raw_size = image.raw_size_or_measure()?;
+    let target = open_checked(target, &Request { image: &image.path, image_size: raw_size, force: opts.force }, guard)?;
+    let diskseq = target.diskseq();
+    if let (Some(expected), Some(found)) = (opts.expected_diskseq, diskseq)
+        && expected != found
+    {
+        return Err(JobError::MediaChanged { device: target.path().to_owned(), expected, found });
+    }
+
+    observer.stage(Stage::Write);
+    let started = Instant::now();
+    let mut chunks = chunks::ChunkReader::spawn(image.reader()?, opts.chunk_size, true)
+        .map_err(|e| JobError::Internal(format!("cannot start image reader: {e}")))?;
+    write::run(&mut chunks, &target, image, raw_size, observer, cancel)?;
+    let sha256 = chunks.finish().ok_or_else(|| JobError::Internal("image reader ended without a digest".into()))?;
+    let write_seconds = started.elapsed().as_secs_f64();
+
+    let verify_seconds = if opts.verify {
+        observer.stage(Stage::Verify);
+        let started = Instant::now();
+        verify::run(image, &target, raw_size, opts.chunk_size, observer, cancel)?;
+        Some(started.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+    Ok(Report {
+        image: image.path.clone(),
+        format: image.format,
+        target: target.path().to_owned(),
+        diskseq,
+        raw_size,
+        sha256,
+        write_seconds,
+        verify_seconds,
+    })
+}
+
+/// Reads a card back and compares it with `image`, on its own.
+pub fn verify_only(
+    image: &mut Image,
+    target: &Path,
+    chunk_size: usize,
+    observer: &dyn Observer,
+    cancel: &Cancel,
+) -> Result<f64, JobError> {
+    let raw_size = image.raw_size_or_measure()?;
+    let target = Target::open(target, Access::Read)?;
+    if target.size() < raw_size && target.kind() == crate::blockdev::Kind::BlockDevice {
+        return Err(Refusal::TooSmall {
+            device: target.path().to_owned(),
+            device_size: target.size(),
+            image_size: raw_size,
+        }
+        .into());
+    }
+    observer.stage(Stage::Verify);
+    let started = Instant::now();
+    verify::run(image, &target, raw_size, chunk_size, observer, cancel)?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Opens the target exclusively and asks the guard. When the exclusive open
+/// fails because the device is busy, the guard is asked anyway through a
+/// shared open, so the operator learns *why* (e.g. "/ is mounted from it").
+fn open_checked(path: &Path, req: &Request<'_>, guard: &Guard) -> Result<Target, JobError> {
+    match Target::open(path, Access::Write) {
+        Ok(target) => {
+            guard.check(&target, req)?;
+            Ok(target)
+        }
+        Err(busy @ DeviceError::Busy { .. }) => {
+            if let Ok(probe) = Target::open(path, Access::Read) {
+                guard.check(&probe, req)?;
+            }
+            Err(busy.into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
