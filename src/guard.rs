@@ -81,11 +81,12 @@ impl Guard {
             return Err(Refusal::Partition { device, disk: block.disk });
         }
         self.check_not_in_use(&device, &block)?;
-        if self.sysfs.flag(&block, "ro") {
-            return Err(Refusal::ReadOnly { device });
-        }
+        // An empty reader can keep a stale ro flag; "no medium" is the real story.
         if target.size() == 0 {
             return Err(Refusal::NoMedium { device });
+        }
+        if self.sysfs.flag(&block, "ro") {
+            return Err(Refusal::ReadOnly { device });
         }
         if target.size() < req.image_size {
             return Err(Refusal::TooSmall { device, device_size: target.size(), image_size: req.image_size });

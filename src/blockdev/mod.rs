@@ -99,7 +99,10 @@ impl Target {
             Ok(meta) if meta.is_file() => Kind::RegularFile,
             Ok(_) => return Err(DeviceError::Unsupported { path: path.to_owned() }),
             // A typo such as /dev/sdx must not create a file in /dev.
-            Err(e) if e.kind() == io::ErrorKind::NotFound && (access == Access::Read || path.starts_with("/dev")) => {
+            Err(e)
+                if e.kind() == io::ErrorKind::NotFound
+                    && (access == Access::Read || (path.starts_with("/dev") && !path.starts_with("/dev/shm"))) =>
+            {
                 return Err(DeviceError::Missing { path: path.to_owned() });
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Kind::RegularFile,

@@ -32,7 +32,10 @@ pub(super) fn from_index(path: &Path, file: &File, format: Format, file_len: u64
             })?;
             let corrupt = |detail: String| ImageError::Corrupt { path: path.to_owned(), format, offset: 0, detail };
             if format == Format::Xz {
-                xz_uncompressed_size(&map).map(Some).map_err(|e| corrupt(format!("cannot read the xz index: {e}")))
+                // A damaged index usually means a damaged stream: return
+                // "unknown" so that the measuring pass reports the precise
+                // place and kind of damage (truncated, trailing data, ...).
+                Ok(xz_uncompressed_size(&map).ok())
             } else {
                 zstd_content_size(&map).map_err(corrupt)
             }
