@@ -106,17 +106,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             progress.finish();
             let report = result?;
             if !io.quiet {
-                let verified = report
-                    .verify_seconds
-                    .map_or_else(|| ", not verified".to_owned(), |s| format!(", verified in {s:.1} s"));
+                let verified = match (report.verify_seconds, &report.sha256) {
+                    (Some(s), Some(sha)) => format!(", verified in {s:.1} s\nsha256 {sha}"),
+                    _ => ", not verified".to_owned(),
+                };
                 eprintln!(
-                    "wrote {} ({}) to {} in {:.1} s ({}){verified}\nsha256 {}",
+                    "wrote {} ({}) to {} in {:.1} s ({}){verified}",
                     Bytes(report.raw_size),
                     report.format,
                     report.target.display(),
                     report.write_seconds,
                     Rate(report.raw_size as f64 / report.write_seconds.max(1e-9)),
-                    report.sha256,
                 );
             }
             if json {
@@ -129,14 +129,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let progress = Progress::auto(io.quiet);
             let result = pipeline::verify_only(&mut image, &target, io.chunk_size, &progress, &cancel);
             progress.finish();
-            let seconds = result?;
+            let sha256 = result?;
             if !io.quiet {
-                eprintln!(
-                    "{} matches {} ({} in {seconds:.1} s)",
-                    target.display(),
-                    image.path.display(),
-                    Bytes(image.raw_size.unwrap_or(0))
-                );
+                eprintln!("{} matches {}\nsha256 {sha256}", target.display(), image.path.display());
             }
         }
         Command::Image { command: ImageCommand::Inspect { image, json } } => {

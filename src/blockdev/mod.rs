@@ -273,15 +273,18 @@ fn open_file(path: &Path, kind: Kind, access: Access) -> io::Result<(File, bool)
 }
 
 /// Takes the exclusive BSD lock, waiting out udev's brief shared lock while
-/// it probes a freshly inserted card.
+/// it probes a freshly inserted (or just written) card. Probing takes a few
+/// milliseconds, so the wait starts short and backs off.
 fn lock(mut file: File, path: &Path) -> Result<Flock<File>, DeviceError> {
     let start = Instant::now();
+    let mut pause = Duration::from_millis(1);
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(locked) => return Ok(locked),
             Err((f, Errno::EWOULDBLOCK | Errno::EINTR)) if start.elapsed() < LOCK_TIMEOUT => {
                 file = f;
-                std::thread::sleep(Duration::from_millis(50));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
             }
             Err((_, _)) => return Err(DeviceError::Locked { path: path.to_owned() }),
         }

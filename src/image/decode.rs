@@ -281,10 +281,12 @@ impl XzDecoder {
 
 fn new_xz_stream() -> Result<Stream, liblzma::stream::Error> {
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // Like xz(1): threads may use a quarter of RAM (a Pi Zero 2 has 512 MiB);
+    // past that liblzma uses fewer threads, down to single-threaded decoding.
+    let ram = nix::sys::sysinfo::sysinfo().map_or(1 << 30, |info| info.ram_total());
     MtStreamBuilder::new()
         .threads(u32::try_from(threads).unwrap_or(1))
-        // Cap threading memory like xz(1) does; beyond it liblzma decodes single-threaded.
-        .memlimit_threading(1 << 30)
+        .memlimit_threading((ram / 4).max(64 << 20))
         .memlimit_stop(u64::MAX)
         .decoder()
 }

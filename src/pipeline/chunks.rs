@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 
 use sha2::{Digest, Sha256};
 
+use super::JobError;
 use crate::blockdev::AlignedBuf;
 use crate::image::{ImageError, ImageReader, hex};
 
@@ -37,11 +38,11 @@ pub struct ChunkReader {
 impl ChunkReader {
     /// Starts decoding `reader` in `chunk_size` pieces; with `hash`, the
     /// thread also computes the SHA-256 of the raw bytes.
-    pub fn spawn(mut reader: ImageReader, chunk_size: usize, hash: bool) -> std::io::Result<Self> {
+    pub fn spawn(mut reader: ImageReader, chunk_size: usize, hash: bool) -> Result<Self, JobError> {
         let (full_tx, full) = mpsc::sync_channel(DEPTH);
         let (free, free_rx) = mpsc::sync_channel::<AlignedBuf>(DEPTH);
         for _ in 0..DEPTH {
-            free.try_send(AlignedBuf::new(chunk_size)).map_err(|_| std::io::Error::other("buffer pool"))?;
+            let _ = free.try_send(AlignedBuf::new(chunk_size));
         }
         let thread = std::thread::Builder::new().name("image-reader".into()).spawn(move || {
             let mut hasher = hash.then(Sha256::new);
@@ -66,7 +67,8 @@ impl ChunkReader {
                 }
             }
             None
-        })?;
+        });
+        let thread = thread.map_err(|e| JobError::Internal(format!("cannot start image reader: {e}")))?;
         Ok(Self { full, free, thread: Some(thread) })
     }
 

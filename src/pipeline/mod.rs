@@ -134,8 +134,10 @@ pub struct Report {
     pub target: PathBuf,
     pub diskseq: Option<u64>,
     pub raw_size: u64,
-    /// SHA-256 of the raw image bytes, computed while writing.
-    pub sha256: String,
+    /// SHA-256 of the raw image bytes, computed while the verify pass reads
+    /// the image (off the write path: on a Pi 4 hashing is slower than a
+    /// USB 3 device). `None` after `--no-verify`.
+    pub sha256: Option<String>,
     pub write_seconds: f64,
     pub verify_seconds: Option<f64>,
 }
@@ -160,19 +162,17 @@ pub fn flash(
 
     observer.stage(Stage::Write);
     let started = Instant::now();
-    let mut chunks = chunks::ChunkReader::spawn(image.reader()?, opts.chunk_size, true)
-        .map_err(|e| JobError::Internal(format!("cannot start image reader: {e}")))?;
+    let mut chunks = chunks::ChunkReader::spawn(image.reader()?, opts.chunk_size, false)?;
     write::run(&mut chunks, &target, image, raw_size, observer, cancel)?;
-    let sha256 = chunks.finish().ok_or_else(|| JobError::Internal("image reader ended without a digest".into()))?;
     let write_seconds = started.elapsed().as_secs_f64();
 
-    let verify_seconds = if opts.verify {
+    let (sha256, verify_seconds) = if opts.verify {
         observer.stage(Stage::Verify);
         let started = Instant::now();
-        verify::run(image, &target, raw_size, opts.chunk_size, observer, cancel)?;
-        Some(started.elapsed().as_secs_f64())
+        let sha = verify::run(image, &target, raw_size, opts.chunk_size, observer, cancel)?;
+        (Some(sha), Some(started.elapsed().as_secs_f64()))
     } else {
-        None
+        (None, None)
     };
     Ok(Report {
         image: image.path.clone(),
@@ -186,14 +186,15 @@ pub fn flash(
     })
 }
 
-/// Reads a card back and compares it with `image`, on its own.
+/// Reads a card back and compares it with `image`, on its own; returns the
+/// image's SHA-256.
 pub fn verify_only(
     image: &mut Image,
     target: &Path,
     chunk_size: usize,
     observer: &dyn Observer,
     cancel: &Cancel,
-) -> Result<f64, JobError> {
+) -> Result<String, JobError> {
     let raw_size = image.raw_size_or_measure()?;
     let target = Target::open(target, Access::Read)?;
     if target.size() < raw_size && target.kind() == crate::blockdev::Kind::BlockDevice {
@@ -205,9 +206,7 @@ pub fn verify_only(
         .into());
     }
     observer.stage(Stage::Verify);
-    let started = Instant::now();
-    verify::run(image, &target, raw_size, chunk_size, observer, cancel)?;
-    Ok(started.elapsed().as_secs_f64())
+    verify::run(image, &target, raw_size, chunk_size, observer, cancel)
 }
 
 /// Opens the target exclusively and asks the guard. When the exclusive open

@@ -5,6 +5,8 @@
 //! them. The image side is a fresh decode of the source compared chunk by
 //! chunk; for a raw image that is the page cache, so verifying costs no CPU
 //! beyond `memcmp`, and a mismatch is reported at its exact byte offset.
+//! The image's SHA-256 is computed here, on the reader thread, where it
+//! overlaps the device reads instead of slowing the writes.
 
 use super::chunks::ChunkReader;
 use super::{Cancel, JobError, Observer, Stage};
@@ -18,11 +20,10 @@ pub(super) fn run(
     chunk_size: usize,
     observer: &dyn Observer,
     cancel: &Cancel,
-) -> Result<(), JobError> {
+) -> Result<String, JobError> {
     target.sync()?;
     target.drop_caches()?;
-    let mut chunks = ChunkReader::spawn(image.reader()?, chunk_size, false)
-        .map_err(|e| JobError::Internal(format!("cannot start image reader: {e}")))?;
+    let mut chunks = ChunkReader::spawn(image.reader()?, chunk_size, true)?;
     let mut card = AlignedBuf::new(chunk_size);
     let bs = target.block_size();
     let mut checked = 0u64;
@@ -44,5 +45,5 @@ pub(super) fn run(
     if checked != raw_size {
         return Err(JobError::Internal(format!("verified {checked} of {raw_size} bytes")));
     }
-    Ok(())
+    chunks.finish().ok_or_else(|| JobError::Internal("image reader ended without a digest".into()))
 }
