@@ -54,7 +54,7 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct IoArgs {
-    /// I/O size per request, a multiple of 1M between 1M and 64M
+    /// I/O size per request, a multiple of 1M between 1M and 8M
     #[arg(long, default_value = "4M", value_parser = parse_chunk)]
     chunk_size: usize,
     /// No progress output
@@ -77,7 +77,7 @@ fn parse_chunk(s: &str) -> Result<usize, String> {
     if pipeline::CHUNK_RANGE.contains(&n) && n % pipeline::HEAD == 0 {
         Ok(n)
     } else {
-        Err(format!("{s}: must be a multiple of 1M between 1M and 64M"))
+        Err(format!("{s}: must be a multiple of 1M between 1M and 8M"))
     }
 }
 

@@ -27,7 +27,7 @@ pub use write::HEAD;
 /// small enough to keep three in flight on a Raspberry Pi.
 pub const DEFAULT_CHUNK: usize = 4 << 20;
 /// Allowed chunk sizes; a multiple of [`HEAD`] keeps every write aligned.
-pub const CHUNK_RANGE: std::ops::RangeInclusive<usize> = HEAD..=(64 << 20);
+pub const CHUNK_RANGE: std::ops::RangeInclusive<usize> = HEAD..=(8 << 20);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

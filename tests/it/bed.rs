@@ -358,6 +358,12 @@ impl Drop for Swap {
     }
 }
 
+/// Waits until udev has processed every event so far (when udevd runs):
+/// after a writer closes a disk, udev re-probes it and may drop its caches.
+pub fn settle() {
+    let _ = Command::new("udevadm").args(["settle", "--timeout=10"]).output();
+}
+
 /// Runs a tool; panics with its stderr if it fails.
 pub fn run(tool: &str, args: &[&str]) -> String {
     let out = Command::new(tool).args(args).output().unwrap_or_else(|e| panic!("{tool}: {e}"));

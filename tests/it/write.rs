@@ -77,6 +77,7 @@ fn verify_reads_the_card_not_the_page_cache() {
     let out = bed.flashbay(&["write", image.to_str().unwrap(), dev.path()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    bed::settle();
     // Pull the device's content into its page cache (held open: the kernel
     // drops a block device's cache on last close), then change the "card"
     // behind it, as flaky flash or a fake-capacity card would.
