@@ -7,6 +7,7 @@
 
 #[macro_use]
 mod bed;
+mod fusecard;
 mod guard;
 mod image;
 mod write;

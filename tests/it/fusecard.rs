@@ -1,0 +1,1 @@
+//! A FUSE-backed card that can be made to fail (being written by a helper).
