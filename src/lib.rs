@@ -25,8 +25,14 @@
 //! daemon drives jobs from its async event loop through `spawn_blocking`.
 
 pub mod blockdev;
+pub mod config;
+pub mod daemon;
 pub mod guard;
 pub mod image;
 pub mod pipeline;
 pub mod progress;
+pub mod report;
+pub mod station;
+pub mod tasks;
+pub mod udev;
 pub mod units;

@@ -5,10 +5,12 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use flashbay::config::Config;
 use flashbay::guard::Guard;
 use flashbay::image::Image;
 use flashbay::pipeline::{self, Cancel, JobError, Options};
 use flashbay::progress::Progress;
+use flashbay::report::journal::{self, Target};
 use flashbay::units::{Bytes, Rate};
 
 #[derive(Debug, Parser)]
@@ -20,6 +22,19 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the station: flash every card inserted into a configured slot
+    Run {
+        #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Where log lines go: journald when stderr is the journal (auto)
+        #[arg(long, value_enum, default_value = "auto")]
+        log: Target,
+    },
+    /// Validate a configuration and print its slot table
+    Check {
+        #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Write an image to a card or file, then read the card back to verify it
     Write {
         /// Image file: raw, xz, gzip or zstd (detected from its content)
@@ -82,26 +97,57 @@ fn parse_chunk(s: &str) -> Result<usize, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("FLASHBAY_LOG").unwrap_or_else(|_| "warn".into()))
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Run { log, .. } => journal::init(*log, "info"),
+        _ => journal::init(Target::Stderr, "warn"),
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            for line in one_line(&err).lines() {
+                eprintln!("error: {line}");
+            }
             ExitCode::from(err.downcast_ref::<JobError>().map_or(1, JobError::exit_code))
         }
     }
 }
 
+/// The error and its causes joined with ": ", skipping causes the message
+/// already quotes (our errors name their cause in their own text).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run { config, .. } => {
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let result = runtime.block_on(flashbay::daemon::run(config));
+            // A job stuck in the kernel on a dead device must not keep us alive.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            result?;
+        }
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            println!("{}: ok", config.file.display());
+            print!("{}", config.describe());
+        }
         Command::Write { image, target, no_verify, force, io, json } => {
             let mut image = Image::open(&image)?;
             let cancel = interruptible()?;
             let progress = Progress::auto(io.quiet);
-            let opts = Options { verify: !no_verify, force, chunk_size: io.chunk_size, expected_diskseq: None };
+            let opts = Options { verify: !no_verify, force, chunk_size: io.chunk_size, ..Options::default() };
             let result = pipeline::flash(&mut image, &target, &opts, &Guard::default(), &progress, &cancel);
             progress.finish();
             let report = result?;

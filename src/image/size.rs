@@ -30,15 +30,14 @@ pub(super) fn from_index(path: &Path, file: &File, format: Format, file_len: u64
                 offset: 0,
                 source,
             })?;
-            let corrupt = |detail: String| ImageError::Corrupt { path: path.to_owned(), format, offset: 0, detail };
-            if format == Format::Xz {
-                // A damaged index usually means a damaged stream: return
-                // "unknown" so that the measuring pass reports the precise
-                // place and kind of damage (truncated, trailing data, ...).
-                Ok(xz_uncompressed_size(&map).ok())
+            // A damaged index usually means a damaged stream: return
+            // "unknown" so that the measuring pass reports the precise place
+            // and kind of damage (truncated, trailing data, ...).
+            Ok(if format == Format::Xz {
+                xz_uncompressed_size(&map).ok()
             } else {
-                zstd_content_size(&map).map_err(corrupt)
-            }
+                zstd_content_size(&map).ok().flatten()
+            })
         }
     }
 }

@@ -118,11 +118,14 @@ pub struct Options {
     pub chunk_size: usize,
     /// The media the caller saw; a different card in the reader is refused.
     pub expected_diskseq: Option<u64>,
+    /// Compute the image's SHA-256 during verification; the daemon already
+    /// knows it from preparing the image and skips the CPU cost per card.
+    pub hash: bool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { verify: true, force: false, chunk_size: DEFAULT_CHUNK, expected_diskseq: None }
+        Self { verify: true, force: false, chunk_size: DEFAULT_CHUNK, expected_diskseq: None, hash: true }
     }
 }
 
@@ -169,8 +172,8 @@ pub fn flash(
     let (sha256, verify_seconds) = if opts.verify {
         observer.stage(Stage::Verify);
         let started = Instant::now();
-        let sha = verify::run(image, &target, raw_size, opts.chunk_size, observer, cancel)?;
-        (Some(sha), Some(started.elapsed().as_secs_f64()))
+        let sha = verify::run(image, &target, raw_size, opts.chunk_size, opts.hash, observer, cancel)?;
+        (sha, Some(started.elapsed().as_secs_f64()))
     } else {
         (None, None)
     };
@@ -206,7 +209,8 @@ pub fn verify_only(
         .into());
     }
     observer.stage(Stage::Verify);
-    verify::run(image, &target, raw_size, chunk_size, observer, cancel)
+    verify::run(image, &target, raw_size, chunk_size, true, observer, cancel)?
+        .ok_or_else(|| JobError::Internal("image reader ended without a digest".into()))
 }
 
 /// Opens the target exclusively and asks the guard. When the exclusive open

@@ -1,0 +1,90 @@
+//! `flashbay run`: wires the parts together, in the order they depend on
+//! each other, and runs them until a signal says stop.
+//!
+//! udev thread → station task → reporters (status file, systemd), with
+//! signals for reload and shutdown. The configuration is validated before
+//! anything starts; an invalid one is refused with every error listed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::report::{notify, status_file};
+use crate::station::{Msg, Station};
+use crate::tasks::Tasks;
+
+pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
+    let config = Arc::new(Config::load(&config_path)?);
+    tracing::info!("starting with {} slots, concurrency {}", config.slots.len(), config.concurrency);
+    let shutdown = CancellationToken::new();
+    let mut tasks = Tasks::new(shutdown.clone());
+    // Signals first, so that none is lost while the rest starts.
+    let mut hangup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+
+    let (devices_tx, devices) = mpsc::channel(256);
+    let (rescan_tx, rescan) = mpsc::channel(4);
+    let (station, handles) = Station::new(Arc::clone(&config), rescan_tx);
+    tasks.spawn("station", station.run(devices, shutdown.clone()));
+    tasks.spawn("status-file", status_file::run(config.status_file.clone(), handles.snapshots.clone()));
+    tasks.spawn("notify", notify::run(handles.snapshots.clone(), Arc::clone(&handles.heartbeat), shutdown.clone()));
+
+    let (ready_tx, ready) = oneshot::channel();
+    let udev =
+        crate::udev::spawn(devices_tx, rescan, ready_tx, shutdown.clone()).context("cannot start udev thread")?;
+    tasks.spawn("udev", async move {
+        tokio::task::spawn_blocking(move || udev.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("udev thread panicked"))?
+            .context("udev monitor")
+    });
+    ready.await.context("udev thread ended before listening")?.context("cannot listen to udev")?;
+    notify::ready();
+    tracing::info!("ready: listening for cards");
+
+    let station = handles.tx.clone();
+    let stop = shutdown.clone();
+    tasks.spawn("signals", async move {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return Ok(()),
+                _ = hangup.recv() => reload(&config_path, &station).await,
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        tracing::info!("stopping: interrupting running jobs");
+        notify::stopping();
+        stop.cancel();
+        Ok(())
+    });
+    tasks.supervise().await
+}
+
+/// SIGHUP: read and validate the configuration again; apply it only if it
+/// is valid. Jobs in flight keep the settings they started with.
+async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>) {
+    notify::reloading();
+    let path = config_path.to_owned();
+    match tokio::task::spawn_blocking(move || Config::load(&path)).await {
+        Ok(Ok(config)) => {
+            let (done, applied) = oneshot::channel();
+            if station.send(Msg::Reload { config: Arc::new(config), done }).await.is_ok() {
+                let _ = applied.await;
+            }
+        }
+        Ok(Err(errors)) => {
+            for line in errors.to_string().lines() {
+                tracing::error!("reload refused, keeping the running configuration: {line}");
+            }
+        }
+        Err(e) => tracing::error!("reload failed: {e}"),
+    }
+    notify::ready();
+}

@@ -1,0 +1,727 @@
+//! The station: one state machine per slot, a queue of cards waiting for a
+//! writer, the jobs, and the one published state every reporter reads.
+//!
+//! The station is a single task that owns all of this; everything reaches
+//! it as a [`Msg`] (udev events, job stages and results, prepared images,
+//! reloads), so there are no locks around slot state.
+//!
+//! Media identity is the kernel's DISKSEQ: a disk on a slot's port with a
+//! size above zero and a DISKSEQ not seen on that slot is a new card, and
+//! gets one job. Everything else with the same DISKSEQ (the partition
+//! re-read after our own write, udev's change events, partitions coming
+//! and going) is the same card and starts nothing. The job re-checks the
+//! DISKSEQ on the open device, so a card swapped in the meantime is never
+//! written by a stale job.
+//!
+//! Concurrency is a semaphore: a permit is taken before a job is spawned
+//! and moved into it, so a job that ends in any way gives it back. Cards
+//! wait in insertion order.
+
+mod images;
+mod job;
+pub mod status;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use images::{Prepared, prepare, prune_cache};
+pub use job::Card;
+use job::{JobProgress, JobSpec};
+use status::{SlotState, SlotStatus, Snapshot, Summary};
+
+use crate::config::{Config, SlotConfig};
+use crate::pipeline::{Cancel, JobError, Report, Stage};
+use crate::udev::{Action, DeviceEvent};
+
+/// How often running jobs' progress is sampled and published.
+const TICK: Duration = Duration::from_millis(250);
+/// A job that failed on I/O and whose card disappears within this window
+/// was a card pulled mid-job.
+const YANK_WINDOW: Duration = Duration::from_secs(5);
+/// On shutdown, how long running jobs get to stop.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
+
+/// Everything the station reacts to.
+#[derive(Debug)]
+pub enum Msg {
+    Stage {
+        job: u64,
+        stage: Stage,
+    },
+    Finished {
+        job: u64,
+        result: Box<Result<Report, JobError>>,
+    },
+    Prepared {
+        image: PathBuf,
+        result: Result<Prepared, String>,
+    },
+    /// Apply a new, already validated configuration; `done` fires after.
+    Reload {
+        config: Arc<Config>,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Why the station stopped a job itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Removed,
+    Shutdown,
+}
+
+#[derive(Debug)]
+struct Job {
+    id: u64,
+    cancel: Cancel,
+    progress: Arc<JobProgress>,
+    /// False while the card waits in the queue.
+    running: bool,
+    stop: Option<StopReason>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    config: SlotConfig,
+    state: SlotState,
+    card: Option<Card>,
+    /// DISKSEQ of the media last seen here: seeing it again is not a new card.
+    media: Option<u64>,
+    job: Option<Job>,
+    started_at: Option<SystemTime>,
+    finished_at: Option<SystemTime>,
+    error: Option<String>,
+    jobs: u64,
+    /// When the last job failed on an I/O error: a removal right after
+    /// means the card was pulled mid-job.
+    io_failure_at: Option<Instant>,
+    meter: Meter,
+    /// Dropped from the configuration; kept until its running job ends.
+    retired: bool,
+}
+
+/// Rate and ETA of the running stage, from sampled byte counts.
+#[derive(Debug, Default, Clone, Copy)]
+struct Meter {
+    done: u64,
+    total: u64,
+    written: u64,
+    rate: f64,
+    last: Option<(Instant, u64)>,
+}
+
+impl Meter {
+    fn sample(&mut self, progress: &JobProgress, now: Instant) {
+        let done = progress.done.load(Ordering::Relaxed);
+        self.total = progress.total.load(Ordering::Relaxed);
+        self.written = progress.written.load(Ordering::Relaxed);
+        if let Some((at, before)) = self.last {
+            let dt = (now - at).as_secs_f64();
+            if dt > 0.0 && done >= before {
+                let instant = (done - before) as f64 / dt;
+                // Smooth over ~2 s so the ETA does not jump with every chunk.
+                self.rate = if self.rate == 0.0 { instant } else { self.rate * 0.8 + instant * 0.2 };
+            }
+        }
+        self.last = Some((now, done));
+        self.done = done;
+    }
+}
+
+impl Slot {
+    fn new(config: SlotConfig) -> Self {
+        Self {
+            config,
+            state: SlotState::Empty,
+            card: None,
+            media: None,
+            job: None,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            jobs: 0,
+            io_failure_at: None,
+            meter: Meter::default(),
+            retired: false,
+        }
+    }
+
+    fn status(&self) -> SlotStatus {
+        let m = &self.meter;
+        let active = self.state.is_active();
+        let progress = if m.total > 0 && active {
+            m.done as f64 / m.total as f64
+        } else if self.state == SlotState::Done {
+            1.0
+        } else {
+            0.0
+        };
+        SlotStatus {
+            name: self.config.name.clone(),
+            port: self.config.port.clone(),
+            image: self.config.image.clone(),
+            state: self.state,
+            device: self.card.as_ref().map(|c| c.devnode.clone()),
+            diskseq: self.card.as_ref().and_then(|c| c.diskseq),
+            serial: self.card.as_ref().and_then(|c| c.serial.clone()),
+            vendor: self.card.as_ref().and_then(|c| c.vendor.clone()),
+            model: self.card.as_ref().and_then(|c| c.model.clone()),
+            size: self.card.as_ref().map(|c| c.size),
+            progress,
+            bytes_written: m.written,
+            rate: if active { m.rate } else { 0.0 },
+            eta_seconds: (active && m.rate > 0.0).then(|| m.total.saturating_sub(m.done) as f64 / m.rate),
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            error: self.error.clone(),
+            jobs: self.jobs,
+        }
+    }
+
+    /// The job's log context; journald gets SLOT, DEVNAME, DISKSEQ, SERIAL, IMAGE.
+    fn span(&self) -> tracing::Span {
+        let span = tracing::info_span!(
+            "slot",
+            slot = %self.config.name,
+            devname = tracing::field::Empty,
+            diskseq = tracing::field::Empty,
+            serial = tracing::field::Empty,
+            image = %self.config.image.display(),
+        );
+        if let Some(card) = &self.card {
+            span.record("devname", tracing::field::display(card.devnode.display()));
+            if let Some(seq) = card.diskseq {
+                span.record("diskseq", seq);
+            }
+            if let Some(serial) = &card.serial {
+                span.record("serial", serial.as_str());
+            }
+        }
+        span
+    }
+}
+
+/// Handles the rest of the daemon keeps on the station.
+#[derive(Debug, Clone)]
+pub struct Handles {
+    pub tx: mpsc::Sender<Msg>,
+    pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Increases on every turn of the station's loop: the watchdog's proof of life.
+    pub heartbeat: Arc<AtomicU64>,
+}
+
+pub struct Station {
+    config: Arc<Config>,
+    slots: Vec<Slot>,
+    /// Job ids of cards waiting for a writer, in insertion order.
+    queue: VecDeque<u64>,
+    permits: Arc<Semaphore>,
+    images: images::ImageStore,
+    /// Jobs whose card was replaced: they finish on their own, unowned.
+    orphans: HashMap<u64, String>,
+    tx: mpsc::Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+    rescan: mpsc::Sender<crate::udev::Request>,
+    next_job: u64,
+    summary: Summary,
+    version: u64,
+    publish: watch::Sender<Arc<Snapshot>>,
+    heartbeat: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for Station {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Station").field("slots", &self.slots.len()).field("queue", &self.queue).finish_non_exhaustive()
+    }
+}
+
+impl Station {
+    pub fn new(config: Arc<Config>, rescan: mpsc::Sender<crate::udev::Request>) -> (Self, Handles) {
+        let (tx, rx) = mpsc::channel(256);
+        let slots: Vec<Slot> = config.slots.iter().cloned().map(Slot::new).collect();
+        let placeholder = Arc::new(Snapshot {
+            version: 0,
+            updated_at: SystemTime::now(),
+            config: config.file.clone(),
+            concurrency: config.concurrency,
+            summary: Summary::default(),
+            images: Vec::new(),
+            slots: slots.iter().map(Slot::status).collect(),
+        });
+        let (publish, snapshots) = watch::channel(placeholder);
+        let heartbeat = Arc::new(AtomicU64::new(0));
+        let station = Self {
+            permits: Arc::new(Semaphore::new(config.concurrency)),
+            config,
+            slots,
+            queue: VecDeque::new(),
+            images: images::ImageStore::default(),
+            orphans: HashMap::new(),
+            tx: tx.clone(),
+            rx,
+            rescan,
+            next_job: 1,
+            summary: Summary::default(),
+            version: 0,
+            publish,
+            heartbeat: Arc::clone(&heartbeat),
+        };
+        (station, Handles { tx, snapshots, heartbeat })
+    }
+
+    /// Runs until `shutdown`, then stops every job (its slot becomes
+    /// `failed: interrupted`) and publishes the final state.
+    pub async fn run(
+        mut self,
+        mut devices: mpsc::Receiver<DeviceEvent>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.prepare_images();
+        self.changed();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.heartbeat.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(msg) = self.rx.recv() => self.handle(msg),
+                Some(ev) = devices.recv() => self.on_device(&ev),
+                _ = tick.tick() => self.sample_progress(),
+            }
+        }
+        self.stop_all().await;
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Stage { job, stage } => self.on_stage(job, stage),
+            Msg::Finished { job, result } => self.on_finished(job, &result),
+            Msg::Prepared { image, result } => {
+                match &result {
+                    Ok(p) => {
+                        let how = if p.cached() { ", decompressed into the cache" } else { "" };
+                        let size = crate::units::Bytes(p.raw_size);
+                        tracing::info!(image = %image.display(), sha256 = %p.sha256, "image ready: {size} raw{how}");
+                    }
+                    Err(e) => tracing::error!(image = %image.display(), "image unusable: {e}"),
+                }
+                self.images.finish(&image, result);
+                self.changed();
+                self.schedule();
+            }
+            Msg::Reload { config, done } => {
+                self.reload(config);
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn on_device(&mut self, ev: &DeviceEvent) {
+        let Some(id_path) = ev.id_path.as_deref() else {
+            tracing::debug!("ignoring {}: no ID_PATH", ev.devnode.display());
+            return;
+        };
+        let Some(i) = self.slots.iter().position(|s| !s.retired && s.config.port == id_path) else {
+            tracing::debug!("ignoring {}: ID_PATH {id_path} is not a slot", ev.devnode.display());
+            return;
+        };
+        if ev.is_removal() { self.card_removed(i) } else { self.card_present(i, ev) }
+    }
+
+    fn card_present(&mut self, i: usize, ev: &DeviceEvent) {
+        let card = Card {
+            devnode: ev.devnode.clone(),
+            diskseq: ev.diskseq,
+            size: ev.size,
+            serial: ev.serial.clone(),
+            vendor: ev.vendor.clone(),
+            model: ev.model.clone(),
+        };
+        let slot = &mut self.slots[i];
+        // Without DISKSEQ (Linux < 5.15) a card is new only after an empty reader.
+        let same = match ev.diskseq {
+            Some(seq) => slot.media == Some(seq),
+            None => slot.card.is_some(),
+        };
+        if same {
+            // udev may add properties later (serial, model); keep the freshest.
+            slot.card = Some(card);
+            return;
+        }
+        slot.media = ev.diskseq;
+        if let Some(old) = slot.job.take() {
+            self.queue.retain(|&id| id != old.id);
+            if old.running {
+                old.cancel.cancel();
+                self.orphans.insert(old.id, slot.config.name.clone());
+            }
+        }
+        slot.card = Some(card);
+        slot.error = None;
+        slot.started_at = None;
+        slot.finished_at = None;
+        slot.meter = Meter::default();
+        if ev.action == Action::Existing && !self.config.flash_present_at_start {
+            slot.state = SlotState::Present;
+            slot.span().in_scope(|| tracing::info!(stage = "present", "card present at start, left alone"));
+        } else {
+            let id = self.next_job;
+            self.next_job += 1;
+            slot.job =
+                Some(Job { id, cancel: Cancel::default(), progress: Arc::default(), running: false, stop: None });
+            slot.state = SlotState::Queued;
+            self.queue.push_back(id);
+            let what: Vec<String> =
+                [ev.vendor.clone(), ev.model.clone(), Some(crate::units::Bytes(ev.size).to_string())]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            slot.span().in_scope(|| tracing::info!(stage = "queued", "card inserted: {}", what.join(" ")));
+        }
+        self.changed();
+        self.schedule();
+    }
+
+    fn card_removed(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.card.is_none() && slot.job.is_none() {
+            return;
+        }
+        let span = slot.span();
+        slot.card = None;
+        match slot.job.as_mut() {
+            Some(job) if job.running => {
+                job.stop = Some(StopReason::Removed);
+                job.cancel.cancel();
+                span.in_scope(|| tracing::warn!(stage = slot.state.name(), "card removed during {}", slot.state));
+            }
+            Some(job) => {
+                let id = job.id;
+                self.queue.retain(|&q| q != id);
+                slot.job = None;
+                slot.state = SlotState::Empty;
+                span.in_scope(|| tracing::info!(stage = "empty", "card removed before it was written"));
+            }
+            None if slot.state == SlotState::Failed
+                && slot.io_failure_at.is_some_and(|t| t.elapsed() < YANK_WINDOW) =>
+            {
+                // The job already failed on I/O errors: the card was pulled mid-job.
+                let cause = slot.error.take().unwrap_or_default();
+                slot.error = Some(format!("card removed during writing ({cause})"));
+                slot.io_failure_at = None;
+                span.in_scope(|| tracing::warn!(stage = "failed", "card was removed while being written"));
+            }
+            None => {
+                slot.state = SlotState::Empty;
+                slot.error = None;
+                span.in_scope(|| tracing::info!(stage = "empty", "card removed"));
+            }
+        }
+        self.changed();
+    }
+
+    fn on_stage(&mut self, job: u64, stage: Stage) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.job.as_ref().is_some_and(|j| j.id == job)) else { return };
+        slot.state = match stage {
+            Stage::Write => SlotState::Writing,
+            Stage::Verify => SlotState::Verifying,
+        };
+        slot.meter = Meter { written: slot.meter.written, ..Meter::default() };
+        slot.span().in_scope(|| tracing::info!(stage = slot.state.name(), "{}", slot.state));
+        self.changed();
+    }
+
+    fn on_finished(&mut self, id: u64, result: &Result<Report, JobError>) {
+        if let Some(slot) = self.orphans.remove(&id) {
+            tracing::info!(slot = %slot, "job for a replaced card ended: {}", outcome(result));
+            self.schedule();
+            return;
+        }
+        let Some(i) = self.slots.iter().position(|s| s.job.as_ref().is_some_and(|j| j.id == id)) else { return };
+        let slot = &mut self.slots[i];
+        let Some(job) = slot.job.take() else { return };
+        slot.meter.sample(&job.progress, Instant::now());
+        slot.finished_at = Some(SystemTime::now());
+        let during = match slot.state {
+            SlotState::Queued => SlotState::Writing,
+            s => s,
+        };
+        let (state, error) = match (result, job.stop) {
+            (Ok(_), _) => (SlotState::Done, None),
+            (Err(JobError::Refused(r)), _) => (SlotState::Refused, Some(r.to_string())),
+            (Err(_), Some(StopReason::Shutdown)) => (SlotState::Failed, Some("interrupted".to_owned())),
+            (Err(JobError::Cancelled { .. }), Some(StopReason::Removed)) => {
+                (SlotState::Failed, Some(format!("card removed during {during}")))
+            }
+            (Err(e), Some(StopReason::Removed)) => {
+                (SlotState::Failed, Some(format!("card removed during {during} ({e})")))
+            }
+            (Err(e), _) => {
+                if matches!(e, JobError::Device(d) if d.os_error().is_some()) {
+                    slot.io_failure_at = Some(Instant::now());
+                }
+                (SlotState::Failed, Some(e.to_string()))
+            }
+        };
+        slot.state = state;
+        slot.error = error;
+        match state {
+            SlotState::Done => self.summary.done += 1,
+            SlotState::Refused => self.summary.refused += 1,
+            _ => self.summary.failed += 1,
+        }
+        let span = slot.span();
+        span.in_scope(|| match (result, &slot.error) {
+            (Ok(r), _) => tracing::info!(
+                stage = "done",
+                "done: wrote {} in {:.1} s{}",
+                crate::units::Bytes(r.raw_size),
+                r.write_seconds,
+                r.verify_seconds.map_or_else(|| ", not verified".to_owned(), |v| format!(", verified in {v:.1} s"))
+            ),
+            (_, Some(e)) => tracing::error!(stage = state.name(), "{state}: {e}"),
+            (Err(_), None) => {}
+        });
+        self.record_history(i, result);
+        self.changed();
+        self.schedule();
+    }
+
+    /// Starts every queued job that can start, in insertion order, while
+    /// permits last. A card whose image is still being prepared keeps its
+    /// place; one whose image failed fails with the image's error.
+    fn schedule(&mut self) {
+        let mut i = 0;
+        while i < self.queue.len() {
+            let id = self.queue[i];
+            let Some(s) = self.slots.iter().position(|s| s.job.as_ref().is_some_and(|j| j.id == id)) else {
+                self.queue.remove(i);
+                continue;
+            };
+            let image = self.slots[s].config.image.clone();
+            match self.images.get(&image) {
+                None => {
+                    self.start_preparing(&image);
+                    i += 1;
+                }
+                Some(images::ImageState::Preparing) => i += 1,
+                Some(images::ImageState::Failed(e)) => {
+                    let e = e.clone();
+                    self.queue.remove(i);
+                    let slot = &mut self.slots[s];
+                    slot.job = None;
+                    slot.state = SlotState::Failed;
+                    slot.error = Some(e.clone());
+                    slot.finished_at = Some(SystemTime::now());
+                    self.summary.failed += 1;
+                    slot.span().in_scope(|| tracing::error!(stage = "failed", "{e}"));
+                    // Let the next card retry, in case the image was fixed.
+                    self.images.forget_failed(&image);
+                    self.changed();
+                }
+                Some(images::ImageState::Ready(prepared)) => {
+                    let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else { break };
+                    let prepared = Arc::clone(prepared);
+                    self.queue.remove(i);
+                    self.start_job(s, prepared, permit);
+                }
+            }
+        }
+    }
+
+    fn start_job(&mut self, s: usize, image: Arc<Prepared>, permit: tokio::sync::OwnedSemaphorePermit) {
+        let verify = self.config.verify;
+        let slot = &mut self.slots[s];
+        let (Some(job), Some(card)) = (slot.job.as_mut(), slot.card.clone()) else { return };
+        job.running = true;
+        slot.jobs += 1;
+        slot.started_at = Some(SystemTime::now());
+        let spec = JobSpec {
+            id: job.id,
+            card,
+            image,
+            verify,
+            cancel: job.cancel.clone(),
+            progress: Arc::clone(&job.progress),
+            span: slot.span(),
+        };
+        tokio::spawn(job::run(spec, permit, self.tx.clone()));
+    }
+
+    fn prepare_images(&mut self) {
+        for image in self.config.images().into_iter().map(Path::to_owned).collect::<Vec<_>>() {
+            self.start_preparing(&image);
+        }
+    }
+
+    fn start_preparing(&mut self, image: &Path) {
+        if !self.images.begin(image) {
+            return;
+        }
+        let (image, cache, tx) = (image.to_owned(), self.config.cache_dir.clone(), self.tx.clone());
+        tracing::info!(image = %image.display(), "preparing image");
+        tokio::task::spawn_blocking(move || {
+            let result = images::prepare(&image, &cache);
+            let _ = tx.blocking_send(Msg::Prepared { image, result });
+        });
+    }
+
+    fn reload(&mut self, config: Arc<Config>) {
+        let mut old = std::mem::take(&mut self.slots);
+        let mut slots = Vec::with_capacity(config.slots.len());
+        for sc in &config.slots {
+            match old.iter().position(|s| !s.retired && s.config.name == sc.name && s.config.port == sc.port) {
+                Some(pos) => {
+                    let mut slot = old.remove(pos);
+                    slot.config = sc.clone();
+                    slots.push(slot);
+                }
+                None => slots.push(Slot::new(sc.clone())),
+            }
+        }
+        for mut gone in old {
+            match gone.job.as_ref() {
+                Some(job) if job.running => {
+                    gone.retired = true;
+                    slots.push(gone);
+                }
+                Some(job) => self.queue.retain(|&id| id != job.id),
+                None => {}
+            }
+        }
+        self.slots = slots;
+        let (old_n, new_n) = (self.config.concurrency, config.concurrency);
+        if new_n > old_n {
+            self.permits.add_permits(new_n - old_n);
+        } else if new_n < old_n {
+            // Permits held by running jobs come back later; take them then.
+            let permits = Arc::clone(&self.permits);
+            let n = u32::try_from(old_n - new_n).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                if let Ok(p) = permits.acquire_many_owned(n).await {
+                    p.forget();
+                }
+            });
+        }
+        self.config = config;
+        let images = self.config.images();
+        self.images.retain(&images);
+        let cache = self.config.cache_dir.clone();
+        let keep: Vec<PathBuf> = images.iter().map(|p| p.to_path_buf()).collect();
+        tokio::task::spawn_blocking(move || {
+            let keep: Vec<&Path> = keep.iter().map(PathBuf::as_path).collect();
+            prune_cache(&cache, &keep);
+        });
+        self.prepare_images();
+        // New slots may already hold cards.
+        let _ = self.rescan.try_send(crate::udev::Request::Rescan);
+        tracing::info!("configuration reloaded: {} slots, concurrency {}", self.slots.len(), self.config.concurrency);
+        self.changed();
+        self.schedule();
+    }
+
+    fn sample_progress(&mut self) {
+        let now = Instant::now();
+        let mut any = false;
+        for slot in &mut self.slots {
+            if let Some(job) = slot.job.as_ref().filter(|j| j.running) {
+                slot.meter.sample(&job.progress, now);
+                any = true;
+            }
+        }
+        if any {
+            self.publish_snapshot();
+        }
+    }
+
+    /// Cancels every job and waits (briefly) for them to stop.
+    async fn stop_all(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(job) = slot.job.as_mut().filter(|j| j.running) {
+                job.stop = Some(StopReason::Shutdown);
+                job.cancel.cancel();
+            }
+        }
+        let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(deadline);
+        while self.slots.iter().any(|s| s.job.as_ref().is_some_and(|j| j.running)) {
+            tokio::select! {
+                () = &mut deadline => break,
+                Some(msg) = self.rx.recv() => {
+                    if let Msg::Finished { job, result } = msg {
+                        self.on_finished(job, &result);
+                    }
+                }
+            }
+        }
+        for slot in &mut self.slots {
+            if slot.job.take().is_some_and(|j| j.running) {
+                slot.state = SlotState::Failed;
+                slot.error = Some("interrupted".into());
+            }
+        }
+        self.changed();
+    }
+
+    fn record_history(&self, i: usize, result: &Result<Report, JobError>) {
+        let slot = &self.slots[i];
+        let record = serde_json::json!({
+            "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            "slot": slot.config.name,
+            "port": slot.config.port,
+            "image": slot.config.image,
+            "state": slot.state,
+            "error": slot.error,
+            "report": result.as_ref().ok(),
+        });
+        let path = self.config.state_dir.join("history.jsonl");
+        let write = || -> std::io::Result<()> {
+            std::fs::create_dir_all(&self.config.state_dir)?;
+            let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            writeln!(f, "{record}")
+        };
+        if let Err(e) = write() {
+            tracing::warn!("cannot append to {}: {e}", path.display());
+        }
+    }
+
+    /// A state change: bump the version and publish.
+    fn changed(&mut self) {
+        self.version += 1;
+        self.publish_snapshot();
+    }
+
+    fn publish_snapshot(&self) {
+        let slots: Vec<SlotStatus> = self.slots.iter().filter(|s| !s.retired).map(Slot::status).collect();
+        let summary = Summary {
+            writing: self.slots.iter().filter(|s| s.state.is_active()).count(),
+            queued: self.queue.len(),
+            ..self.summary
+        };
+        self.publish.send_replace(Arc::new(Snapshot {
+            version: self.version,
+            updated_at: SystemTime::now(),
+            config: self.config.file.clone(),
+            concurrency: self.config.concurrency,
+            summary,
+            images: self.images.status(&self.config.images()),
+            slots,
+        }));
+    }
+}
+
+fn outcome(result: &Result<Report, JobError>) -> String {
+    match result {
+        Ok(_) => "done".into(),
+        Err(e) => e.to_string(),
+    }
+}

@@ -1,0 +1,154 @@
+//! The station's state as one document: what the status file holds, and
+//! what every reporter (journal, HTTP, LEDs, systemd) reads.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use serde::{Serialize, Serializer};
+
+use crate::image::Format;
+
+/// The state of one slot. The names are part of the interface: they appear
+/// in the status file, the journal and the HTTP API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotState {
+    /// No card.
+    Empty,
+    /// A card waits for a free writer (or for its image to be prepared).
+    Queued,
+    Writing,
+    Verifying,
+    Expanding,
+    Resizing,
+    Ejecting,
+    /// Finished; stays until the card is removed.
+    Done,
+    /// Failed; stays until the card is removed (or, if the card was pulled
+    /// mid-job, until the next card arrives).
+    Failed,
+    /// The safety checks refused the card (too small, write-protected, …).
+    Refused,
+    /// Present at startup and left alone (`flash_present_at_start: false`).
+    Present,
+}
+
+impl SlotState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Empty => "empty",
+            Self::Queued => "queued",
+            Self::Writing => "writing",
+            Self::Verifying => "verifying",
+            Self::Expanding => "expanding",
+            Self::Resizing => "resizing",
+            Self::Ejecting => "ejecting",
+            Self::Done => "done",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+            Self::Present => "present",
+        }
+    }
+
+    /// A job is working on the card.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Writing | Self::Verifying | Self::Expanding | Self::Resizing | Self::Ejecting)
+    }
+}
+
+impl fmt::Display for SlotState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The whole station.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// Increases on every state change (not on progress alone).
+    pub version: u64,
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: SystemTime,
+    pub config: PathBuf,
+    pub concurrency: usize,
+    pub summary: Summary,
+    pub images: Vec<ImageStatus>,
+    pub slots: Vec<SlotStatus>,
+}
+
+/// Counts for one-line summaries (systemd `STATUS=`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Slots with a job working on them now.
+    pub writing: usize,
+    pub queued: usize,
+    /// Cards finished since the daemon started, by result.
+    pub done: u64,
+    pub failed: u64,
+    pub refused: u64,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} writing, {} queued, {} done, {} failed", self.writing, self.queued, self.done, self.failed)?;
+        if self.refused > 0 {
+            write!(f, ", {} refused", self.refused)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageStatus {
+    pub path: PathBuf,
+    /// `preparing`, `ready` or `failed`.
+    pub state: &'static str,
+    pub format: Option<Format>,
+    pub raw_size: Option<u64>,
+    pub sha256: Option<String>,
+    /// Whether cards are written from a decompressed copy in the cache.
+    pub cached: bool,
+    pub error: Option<String>,
+}
+
+/// One slot: its card, its job, its result.
+#[derive(Debug, Clone, Serialize)]
+pub struct SlotStatus {
+    pub name: String,
+    pub port: String,
+    pub image: PathBuf,
+    pub state: SlotState,
+    pub device: Option<PathBuf>,
+    pub diskseq: Option<u64>,
+    pub serial: Option<String>,
+    pub vendor: Option<String>,
+    pub model: Option<String>,
+    /// Card size in bytes.
+    pub size: Option<u64>,
+    /// Fraction of the current stage, 0 to 1.
+    pub progress: f64,
+    pub bytes_written: u64,
+    /// Bytes per second in the current stage.
+    pub rate: f64,
+    pub eta_seconds: Option<f64>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub started_at: Option<SystemTime>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub finished_at: Option<SystemTime>,
+    pub error: Option<String>,
+    /// Jobs started on this slot since the daemon started.
+    pub jobs: u64,
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*t))
+}
+
+#[allow(clippy::ref_option)] // serde's serialize_with passes &Option<T>
+fn rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
