@@ -22,8 +22,14 @@ pub const MIB: u64 = 1 << 20;
 /// Returns the bed, or prints `SKIPPED: reason` and returns from the test.
 /// Under CI a missing prerequisite is a failure, never a skip.
 macro_rules! bed {
+    (udev) => {
+        bed!(@check $crate::bed::Bed::new().and_then(|b| b.require_udev().map(|()| b)))
+    };
     () => {
-        match $crate::bed::Bed::new() {
+        bed!(@check $crate::bed::Bed::new())
+    };
+    (@check $bed:expr) => {
+        match $bed {
             Ok(bed) => bed,
             Err(reason) => {
                 if std::env::var_os("CI").is_some() {
@@ -56,6 +62,19 @@ impl Bed {
         fs::create_dir_all(RUN_DIR).map_err(|e| format!("{RUN_DIR}: {e}"))?;
         let dir = tempfile::Builder::new().prefix("flashbay-test-").tempdir().map_err(|e| e.to_string())?;
         Ok(Self { dir })
+    }
+
+    /// Daemon tests need a running systemd-udevd (and journald for journal
+    /// checks); scripts/test starts both.
+    pub fn require_udev(&self) -> Result<(), String> {
+        let ping = Command::new("udevadm").args(["control", "--ping"]).output();
+        if !ping.is_ok_and(|o| o.status.success()) {
+            return Err("systemd-udevd is not running (scripts/test starts it)".into());
+        }
+        if !Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device").exists() {
+            return Err("no cgroup v1 blkio controller for slow cards".into());
+        }
+        Ok(())
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

@@ -7,7 +7,9 @@
 
 #[macro_use]
 mod bed;
+mod daemon;
 mod fusecard;
 mod guard;
 mod image;
+mod station;
 mod write;
