@@ -71,6 +71,10 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub slots: Vec<SlotConfig>,
+    /// Problems that do not stop the station, formatted `file:line:col: text`:
+    /// an image that is missing or unusable fails only its slots' cards (and
+    /// is retried for the next card, once fixed).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -159,14 +163,20 @@ impl Config {
                 .map_err(|e| fail(vec![yaml_error(&e)]))?
         };
         let index = Index::build(text);
-        let mut v = Validator { index: &index, errors: Vec::new() };
+        let mut v = Validator { index: &index, errors: Vec::new(), warnings: Vec::new() };
         for path in unknown {
             let (line, column) = index.locate_key(&path);
             let message = format!("unknown key `{}`", path.rsplit('.').next().unwrap_or(&path));
             v.errors.push(ConfigError { line, column, message });
         }
-        let config = v.validate(file, raw);
+        let mut config = v.validate(file, raw);
         if v.errors.is_empty() {
+            v.warnings.sort_by_key(|e| (e.line, e.column));
+            config.warnings = v
+                .warnings
+                .iter()
+                .map(|w| format!("{}:{}:{}: {}", file.display(), w.line, w.column, w.message))
+                .collect();
             Ok(config)
         } else {
             v.errors.sort_by_key(|e| (e.line, e.column));
@@ -224,6 +234,7 @@ fn valid_name(name: &str) -> bool {
 struct Validator<'a> {
     index: &'a Index,
     errors: Vec<ConfigError>,
+    warnings: Vec<ConfigError>,
 }
 
 impl Validator<'_> {
@@ -316,14 +327,16 @@ impl Validator<'_> {
             state_dir: dir(raw.state_dir, "/var/lib/flashbay"),
             cache_dir: dir(raw.cache_dir, "/var/cache/flashbay"),
             slots,
+            warnings: Vec::new(),
         }
     }
 
-    /// An image must exist and be a format we can write; checking here
-    /// turns "the first card failed" into "the config is wrong".
+    /// An image should exist and be a format we can write; saying so here
+    /// turns "the first card failed" into a pointer at the line to fix.
     fn check_image(&mut self, path_key: &str, image: &Path) {
         if let Err(e) = Image::open(image) {
-            self.error(path_key, format!("image {e}"));
+            let (line, column) = self.index.locate(path_key);
+            self.warnings.push(ConfigError { line, column, message: format!("image {e}") });
         }
     }
 }
@@ -516,11 +529,19 @@ slots:
                 "8:11: duplicate slot name `A1` (first used on line 6)",
                 "9:11: duplicate port `usb-1` (first used on line 7)",
                 "10:5: unknown key `speed`",
-                &format!(
-                    "13:12: image {}: No such file or directory (os error 2)",
-                    dir.path().join("missing.img.xz").display()
-                ),
             ]
+        );
+    }
+
+    #[test]
+    fn missing_image_file_is_a_located_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.yaml");
+        let c = Config::parse(&file, "image: gone.img\nslots:\n  - {name: A1, port: usb-1}\n").unwrap();
+        let gone = dir.path().join("gone.img");
+        assert_eq!(
+            c.warnings,
+            [format!("{}:1:8: image {}: No such file or directory (os error 2)", file.display(), gone.display())]
         );
     }
 

@@ -21,6 +21,9 @@ use crate::tasks::Tasks;
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&config_path)?);
     tracing::info!("starting with {} slots, concurrency {}", config.slots.len(), config.concurrency);
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
     let shutdown = CancellationToken::new();
     let mut tasks = Tasks::new(shutdown.clone());
     // Signals first, so that none is lost while the rest starts.
@@ -74,6 +77,9 @@ async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>) {
     let path = config_path.to_owned();
     match tokio::task::spawn_blocking(move || Config::load(&path)).await {
         Ok(Ok(config)) => {
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
             let (done, applied) = oneshot::channel();
             if station.send(Msg::Reload { config: Arc::new(config), done }).await.is_ok() {
                 let _ = applied.await;

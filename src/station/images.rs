@@ -126,8 +126,13 @@ impl ImageStore {
     }
 }
 
-/// One full pass over `source` (blocking): see the module docs.
+/// One full pass over `source` (blocking): see the module docs. Errors read
+/// `image <path>: <what is wrong>`, which is what a failed slot shows.
 pub fn prepare(source: &Path, cache_dir: &Path) -> Result<Prepared, String> {
+    prepare_inner(source, cache_dir).map_err(|e| format!("image {e}"))
+}
+
+fn prepare_inner(source: &Path, cache_dir: &Path) -> Result<Prepared, String> {
     let image = Image::open(source).map_err(|e| e.to_string())?;
     let key = cache_key(source).map_err(|e| format!("{}: {e}", source.display()))?;
     let meta_path = cache_dir.join(format!("{key}.json"));

@@ -67,8 +67,19 @@ impl Bed {
     /// Daemon tests need a running systemd-udevd (and journald for journal
     /// checks); scripts/test starts both.
     pub fn require_udev(&self) -> Result<(), String> {
-        let ping = Command::new("udevadm").args(["control", "--ping"]).output();
-        if !ping.is_ok_and(|o| o.status.success()) {
+        // A ping can fail while udevd reloads rules for a concurrent test.
+        let ping = || {
+            Command::new("udevadm")
+                .args(["control", "--ping", "--timeout=5"])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !(0..10).any(|_| {
+            ping() || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                false
+            }
+        }) {
             return Err("systemd-udevd is not running (scripts/test starts it)".into());
         }
         if !Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device").exists() {

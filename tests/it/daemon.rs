@@ -377,7 +377,8 @@ fn damaged_image_fails_its_slot_and_the_daemon_carries_on() {
     let _a = ra.insert(&card_a);
     let _b = rb.insert(&card_b);
     let a = d.wait_slot("A1", "failed", LONG);
-    assert!(a["error"].as_str().unwrap().contains("corrupt xz stream at compressed offset"), "{a}");
+    let error = a["error"].as_str().unwrap();
+    assert!(error.starts_with(&format!("image {}: corrupt xz stream at compressed offset ", xz.display())), "{error}");
     d.wait_slot("B1", "done", LONG);
     assert_eq!(bed::sha256(&card_a), before, "a card was written from a damaged image");
     assert!(d.child.try_wait().unwrap().is_none(), "the daemon died");
@@ -434,4 +435,29 @@ fn check_lists_every_error_and_run_refuses_the_same() {
     assert!(ok.status.success());
     let table = String::from_utf8_lossy(&ok.stdout);
     assert!(table.contains("A1    usb-1") && table.contains(image.to_str().unwrap()), "{table}");
+}
+
+/// A missing image does not stop the station: its cards fail with the
+/// image's error, and once the operator puts the image in place the next
+/// card is flashed.
+#[test]
+fn missing_image_fails_cards_until_it_appears() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let image = bed.path("later.img");
+    let d = Daemon::start(&bed, &format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)])));
+    assert!(d.log().contains("No such file or directory"), "startup should warn: {}", d.log());
+    let card = bed.card("card", 16 * MIB);
+    let inserted = reader.insert(&card);
+    let slot = d.wait_slot("A1", "failed", LONG);
+    assert_eq!(slot["error"], format!("image {}: No such file or directory (os error 2)", image.display()));
+    drop(inserted);
+    d.wait_slot("A1", "empty", LONG);
+
+    let source = bed.random_image("src", 4 * MIB, 32);
+    fs::rename(&source, &image).unwrap();
+    let _again = reader.insert(&card);
+    d.wait_slot("A1", "done", LONG);
+    assert_eq!(first_difference(&image, &card, 4 * MIB), None);
 }
