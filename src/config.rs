@@ -17,42 +17,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::image::Image;
+pub use crate::pipeline::EjectMode;
 
 pub const DEFAULT_PATH: &str = "/etc/flashbay/flashbay.yaml";
-
-/// How a finished card is handed back to the operator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EjectMode {
-    None,
-    /// Flush everything; the card is safe to pull.
-    Sync,
-    /// Sync, then stop the medium as `eject` does.
-    Eject,
-    /// As `eject`, then power the USB device off.
-    PowerOff,
-}
-
-impl EjectMode {
-    fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "none" => Self::None,
-            "sync" => Self::Sync,
-            "eject" => Self::Eject,
-            "power-off" => Self::PowerOff,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Sync => "sync",
-            Self::Eject => "eject",
-            Self::PowerOff => "power-off",
-        }
-    }
-}
 
 /// A validated configuration.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -100,7 +100,7 @@ impl Guard {
 
     /// Refuses a disk if it, a partition of it, or anything stacked on them
     /// is mounted or used as swap, or if anything is stacked on it at all.
-    fn check_not_in_use(&self, device: &Path, disk: &SysBlock) -> Result<(), Refusal> {
+    pub fn check_not_in_use(&self, device: &Path, disk: &SysBlock) -> Result<(), Refusal> {
         let unknown = |e: std::io::Error| Refusal::Unknown { device: device.to_owned(), detail: e.to_string() };
         let mounts = read_mounts(&self.mountinfo).map_err(unknown)?;
         let swaps = read_swaps(&self.swaps);

@@ -34,5 +34,6 @@ pub mod progress;
 pub mod report;
 pub mod station;
 pub mod tasks;
+pub mod tools;
 pub mod udev;
 pub mod units;

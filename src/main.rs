@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use flashbay::config::Config;
 use flashbay::guard::Guard;
 use flashbay::image::Image;
-use flashbay::pipeline::{self, Cancel, JobError, Options};
+use flashbay::pipeline::{self, Cancel, EjectMode, JobError, Options, Stage, StageResult};
 use flashbay::progress::Progress;
 use flashbay::report::journal::{self, Target};
 use flashbay::units::{Bytes, Rate};
@@ -47,6 +47,15 @@ enum Command {
         /// Allow a fixed (non-removable, non-USB) disk; never allows the system disk
         #[arg(long)]
         force: bool,
+        /// Grow the last partition to the end of the card
+        #[arg(long)]
+        expand: bool,
+        /// Grow the last partition's ext2/3/4 filesystem to fill it
+        #[arg(long)]
+        resize: bool,
+        /// After writing: none, sync, eject (SCSI stop/eject) or power-off (USB)
+        #[arg(long, default_value = "none", value_parser = parse_eject)]
+        eject: EjectMode,
         #[command(flatten)]
         io: IoArgs,
         /// Print the job report as JSON on stdout
@@ -94,6 +103,10 @@ fn parse_chunk(s: &str) -> Result<usize, String> {
     } else {
         Err(format!("{s}: must be a multiple of 1M between 1M and 8M"))
     }
+}
+
+fn parse_eject(s: &str) -> Result<EjectMode, String> {
+    EjectMode::parse(s).ok_or_else(|| format!("{s}: must be none, sync, eject or power-off"))
 }
 
 fn main() -> ExitCode {
@@ -146,27 +159,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}: ok", config.file.display());
             print!("{}", config.describe());
         }
-        Command::Write { image, target, no_verify, force, io, json } => {
+        Command::Write { image, target, no_verify, force, expand, resize, eject, io, json } => {
             let mut image = Image::open(&image)?;
             let cancel = interruptible()?;
             let progress = Progress::auto(io.quiet);
-            let opts = Options { verify: !no_verify, force, chunk_size: io.chunk_size, ..Options::default() };
+            let opts = Options {
+                verify: !no_verify,
+                force,
+                chunk_size: io.chunk_size,
+                expand,
+                resize,
+                eject,
+                ..Options::default()
+            };
             let result = pipeline::flash(&mut image, &target, &opts, &Guard::default(), &progress, &cancel);
             progress.finish();
             let report = result?;
             if !io.quiet {
-                let verified = match (report.verify_seconds, &report.sha256) {
+                let write = report.seconds(Stage::Write).unwrap_or_default();
+                let verified = match (report.seconds(Stage::Verify), &report.sha256) {
                     (Some(s), Some(sha)) => format!(", verified in {s:.1} s\nsha256 {sha}"),
                     _ => ", not verified".to_owned(),
                 };
                 eprintln!(
-                    "wrote {} ({}) to {} in {:.1} s ({}){verified}",
+                    "wrote {} ({}) to {} in {write:.1} s ({}){verified}",
                     Bytes(report.raw_size),
                     report.format,
                     report.target.display(),
-                    report.write_seconds,
-                    Rate(report.raw_size as f64 / report.write_seconds.max(1e-9)),
+                    Rate(report.raw_size as f64 / write.max(1e-9)),
                 );
+                for s in report.stages.iter().filter(|s| !matches!(s.stage, Stage::Write | Stage::Verify)) {
+                    let result = if s.result == StageResult::Skipped { "skipped: " } else { "" };
+                    eprintln!("{}: {result}{}", s.stage.name(), s.detail);
+                }
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

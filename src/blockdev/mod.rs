@@ -11,6 +11,8 @@
 
 mod aligned;
 pub(crate) mod ioctl;
+pub mod partitions;
+pub mod scsi;
 pub mod sysfs;
 
 use std::fs::{File, OpenOptions};
@@ -75,6 +77,9 @@ pub enum Access {
     Write,
     /// Shared read-only: for verifying a card on its own.
     Read,
+    /// Read-only, but holding the exclusive lock: keeps udev away while
+    /// other tools (sfdisk, e2fsck) edit the card.
+    Lock,
 }
 
 /// An open block device or regular file.
@@ -115,7 +120,7 @@ impl Target {
             _ => open_err(e),
         })?;
         let file = match access {
-            Access::Write => lock(file, path)?,
+            Access::Write | Access::Lock => lock(file, path)?,
             // Flock has no "unlocked" state; a shared lock costs nothing and
             // only waits out a writer that holds the exclusive one.
             Access::Read => Flock::lock(file, FlockArg::LockSharedNonblock)
@@ -260,6 +265,9 @@ fn open_file(path: &Path, kind: Kind, access: Access) -> io::Result<(File, bool)
                 opts.create(true);
             }
         }
+    }
+    if access == Access::Lock {
+        return Ok((opts.custom_flags(flags).open(path)?, false));
     }
     match opts.clone().custom_flags(flags | libc::O_DIRECT).open(path) {
         Ok(file) => Ok((file, true)),

@@ -75,6 +75,11 @@ impl Sysfs {
         &self.root
     }
 
+    /// Looks a device up by its canonical sysfs path.
+    pub fn block_at_path(&self, syspath: &Path) -> io::Result<SysBlock> {
+        Self::block_at(syspath.to_owned())
+    }
+
     /// Looks a device up by number.
     pub fn block(&self, dev: DevNum) -> io::Result<SysBlock> {
         let syspath = fs::canonicalize(self.root.join(format!("dev/block/{dev}")))?;

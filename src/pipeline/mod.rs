@@ -2,11 +2,22 @@
 //!
 //! [`flash`] is the whole job as both the CLI and the daemon run it: size
 //! the image, open the target exclusively, ask the guard, check the card is
-//! still the one we were asked to write (DISKSEQ), write, verify. It is
+//! still the one we were asked to write (DISKSEQ), then the stages: write,
+//! verify, expand (last partition), resize (its filesystem), eject. It is
 //! blocking and runs on the caller's thread plus one image-reader thread;
-//! progress goes to an [`Observer`] and a [`Cancel`] stops it between chunks.
+//! progress and stage outcomes go to an [`Observer`] and a [`Cancel`] stops
+//! it between chunks and stages.
+//!
+//! Write and verify hold the device `O_EXCL`. Expand and resize cannot:
+//! an exclusive claim of the whole disk makes every partition unclaimable,
+//! and e2fsck opens its partition exclusively. So after verifying, the
+//! exclusive handle is dropped and a plain one holds the `flock` instead,
+//! which is all udev respects.
 
 pub mod chunks;
+pub mod eject;
+mod expand;
+mod resize;
 mod verify;
 mod write;
 
@@ -17,10 +28,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::blockdev::{Access, DeviceError, Target};
+use crate::blockdev::{Access, DeviceError, Sysfs, Target};
 use crate::guard::{Guard, Refusal, Request};
 use crate::image::{Format, Image, ImageError};
 
+pub use eject::EjectMode;
 pub use write::HEAD;
 
 /// Default I/O size: large enough to reach a card's sequential speed,
@@ -34,6 +46,9 @@ pub const CHUNK_RANGE: std::ops::RangeInclusive<usize> = HEAD..=(8 << 20);
 pub enum Stage {
     Write,
     Verify,
+    Expand,
+    Resize,
+    Eject,
 }
 
 impl Stage {
@@ -41,7 +56,44 @@ impl Stage {
         match self {
             Stage::Write => "write",
             Stage::Verify => "verify",
+            Stage::Expand => "expand",
+            Stage::Resize => "resize",
+            Stage::Eject => "eject",
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StageResult {
+    Done,
+    Skipped,
+    Failed,
+}
+
+/// What a stage did, with why and how long; part of every job's record.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StageOutcome {
+    pub stage: Stage,
+    pub result: StageResult,
+    pub detail: String,
+    pub seconds: f64,
+}
+
+/// A stage's verdict before it is timed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub result: StageResult,
+    pub detail: String,
+}
+
+impl Outcome {
+    pub fn done(detail: impl Into<String>) -> Self {
+        Self { result: StageResult::Done, detail: detail.into() }
+    }
+
+    pub fn skipped(detail: impl Into<String>) -> Self {
+        Self { result: StageResult::Skipped, detail: detail.into() }
     }
 }
 
@@ -49,6 +101,7 @@ impl Stage {
 pub trait Observer: Send + Sync {
     fn stage(&self, _stage: Stage) {}
     fn progress(&self, _stage: Stage, _done: u64, _total: u64) {}
+    fn outcome(&self, _outcome: &StageOutcome) {}
 }
 
 /// An observer that ignores everything.
@@ -93,6 +146,8 @@ pub enum JobError {
     Cancelled { device: PathBuf },
     #[error("{}: the card was changed (DISKSEQ {found}, expected {expected})", device.display())]
     MediaChanged { device: PathBuf, expected: u64, found: u64 },
+    #[error("{}: {} failed: {message}", device.display(), stage.name())]
+    Stage { device: PathBuf, stage: Stage, message: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -111,6 +166,7 @@ impl JobError {
 }
 
 #[derive(Debug, Clone)]
+#[allow(clippy::struct_excessive_bools)] // one switch per stage and safety rule
 pub struct Options {
     pub verify: bool,
     /// Allow fixed disks; never overrides the other guard rules.
@@ -121,11 +177,25 @@ pub struct Options {
     /// Compute the image's SHA-256 during verification; the daemon already
     /// knows it from preparing the image and skips the CPU cost per card.
     pub hash: bool,
+    /// Grow the last partition to the end of the card.
+    pub expand: bool,
+    /// Grow the last partition's filesystem to fill it.
+    pub resize: bool,
+    pub eject: EjectMode,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { verify: true, force: false, chunk_size: DEFAULT_CHUNK, expected_diskseq: None, hash: true }
+        Self {
+            verify: true,
+            force: false,
+            chunk_size: DEFAULT_CHUNK,
+            expected_diskseq: None,
+            hash: true,
+            expand: false,
+            resize: false,
+            eject: EjectMode::None,
+        }
     }
 }
 
@@ -141,8 +211,14 @@ pub struct Report {
     /// the image (off the write path: on a Pi 4 hashing is slower than a
     /// USB 3 device). `None` after `--no-verify`.
     pub sha256: Option<String>,
-    pub write_seconds: f64,
-    pub verify_seconds: Option<f64>,
+    /// Every stage that ran, in order.
+    pub stages: Vec<StageOutcome>,
+}
+
+impl Report {
+    pub fn seconds(&self, stage: Stage) -> Option<f64> {
+        self.stages.iter().find(|s| s.stage == stage && s.result == StageResult::Done).map(|s| s.seconds)
+    }
 }
 
 /// Writes `image` to `target` and (by default) verifies it.
@@ -157,36 +233,106 @@ pub fn flash(
     let raw_size = image.raw_size_or_measure()?;
     let target = open_checked(target, &Request { image: &image.path, image_size: raw_size, force: opts.force }, guard)?;
     let diskseq = target.diskseq();
-    if let (Some(expected), Some(found)) = (opts.expected_diskseq, diskseq)
-        && expected != found
-    {
-        return Err(JobError::MediaChanged { device: target.path().to_owned(), expected, found });
-    }
+    check_media(&target, opts.expected_diskseq)?;
 
-    observer.stage(Stage::Write);
-    let started = Instant::now();
-    let mut chunks = chunks::ChunkReader::spawn(image.reader()?, opts.chunk_size, false)?;
-    write::run(&mut chunks, &target, image, raw_size, observer, cancel)?;
-    let write_seconds = started.elapsed().as_secs_f64();
-
-    let (sha256, verify_seconds) = if opts.verify {
-        observer.stage(Stage::Verify);
-        let started = Instant::now();
-        let sha = verify::run(image, &target, raw_size, opts.chunk_size, opts.hash, observer, cancel)?;
-        (sha, Some(started.elapsed().as_secs_f64()))
-    } else {
-        (None, None)
+    let mut stages = Stages { observer, done: Vec::new() };
+    let device = target.path().to_owned();
+    let sha256 = {
+        let target = &target;
+        stages.run(Stage::Write, || {
+            let mut chunks = chunks::ChunkReader::spawn(image.reader()?, opts.chunk_size, false)?;
+            write::run(&mut chunks, target, image, raw_size, observer, cancel)?;
+            Ok(Outcome::done(format!("{} written", crate::units::Bytes(raw_size))))
+        })?;
+        if opts.verify {
+            let mut sha = None;
+            stages.run(Stage::Verify, || {
+                sha = verify::run(image, target, raw_size, opts.chunk_size, opts.hash, observer, cancel)?;
+                Ok(Outcome::done("the card matches the image"))
+            })?;
+            sha
+        } else {
+            None
+        }
     };
+    let dev = target.dev();
+    let is_device = target.kind() == crate::blockdev::Kind::BlockDevice;
+    let device_size = target.size();
+    // From here on: no exclusive claim (see the module docs), only the lock.
+    drop(target);
+
+    if is_device && (opts.expand || opts.resize) {
+        let lock = Target::open(&device, Access::Lock)?;
+        check_media(&lock, opts.expected_diskseq)?;
+        cancel.check(&lock)?;
+        if opts.expand {
+            stages.run(Stage::Expand, || {
+                expand::run(&device, device_size).map_err(|e| stage_error(&device, Stage::Expand, &e))
+            })?;
+        }
+        if opts.resize {
+            stages.run(Stage::Resize, || {
+                let syspath = dev.and_then(|d| Sysfs::default().block(d).ok()).map(|b| b.syspath);
+                let syspath =
+                    syspath.ok_or_else(|| stage_error(&device, Stage::Resize, &"the disk is not in sysfs"))?;
+                resize::run(&device, &syspath).map_err(|e| stage_error(&device, Stage::Resize, &e))
+            })?;
+        }
+        drop(lock);
+    }
+    if let (true, Some(dev), false) = (is_device, dev, opts.eject == EjectMode::None) {
+        if cancel.is_cancelled() {
+            return Err(JobError::Cancelled { device });
+        }
+        let env = eject::Env { sysfs: &Sysfs::default(), scsi: &crate::blockdev::scsi::SgIo, guard };
+        stages.run(Stage::Eject, || {
+            eject::run(&device, dev, opts.eject, &env).map_err(|e| stage_error(&device, Stage::Eject, &e))
+        })?;
+    }
     Ok(Report {
         image: image.path.clone(),
         format: image.format,
-        target: target.path().to_owned(),
+        target: device,
         diskseq,
         raw_size,
         sha256,
-        write_seconds,
-        verify_seconds,
+        stages: stages.done,
     })
+}
+
+/// Runs stages in order, timing each and telling the observer.
+struct Stages<'a> {
+    observer: &'a dyn Observer,
+    done: Vec<StageOutcome>,
+}
+
+impl Stages<'_> {
+    fn run(&mut self, stage: Stage, f: impl FnOnce() -> Result<Outcome, JobError>) -> Result<(), JobError> {
+        self.observer.stage(stage);
+        let started = Instant::now();
+        let verdict = f();
+        let (result, detail) = match &verdict {
+            Ok(o) => (o.result, o.detail.clone()),
+            Err(e) => (StageResult::Failed, e.to_string()),
+        };
+        let outcome = StageOutcome { stage, result, detail, seconds: started.elapsed().as_secs_f64() };
+        self.observer.outcome(&outcome);
+        self.done.push(outcome);
+        verdict.map(drop)
+    }
+}
+
+fn stage_error(device: &Path, stage: Stage, message: &dyn std::fmt::Display) -> JobError {
+    JobError::Stage { device: device.to_owned(), stage, message: message.to_string() }
+}
+
+fn check_media(target: &Target, expected: Option<u64>) -> Result<(), JobError> {
+    match (expected, target.diskseq()) {
+        (Some(expected), Some(found)) if expected != found => {
+            Err(JobError::MediaChanged { device: target.path().to_owned(), expected, found })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Reads a card back and compares it with `image`, on its own; returns the

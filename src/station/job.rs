@@ -16,7 +16,7 @@ use super::Msg;
 use super::images::Prepared;
 use crate::guard::Guard;
 use crate::image::Image;
-use crate::pipeline::{self, Cancel, JobError, Observer, Options, Report, Stage};
+use crate::pipeline::{self, Cancel, EjectMode, JobError, Observer, Options, Report, Stage, StageOutcome};
 
 /// The card a job writes, as udev described it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,14 +37,23 @@ pub(super) struct JobProgress {
     pub written: AtomicU64,
 }
 
-/// Everything a job needs, fixed when it starts: a reload does not change
-/// the settings of jobs in flight.
+/// The configuration a job runs with, fixed when it starts: a reload does
+/// not change the settings of jobs in flight.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Settings {
+    pub verify: bool,
+    pub expand: bool,
+    pub resize: bool,
+    pub eject: EjectMode,
+}
+
+/// Everything a job needs.
 #[derive(Debug, Clone)]
 pub(super) struct JobSpec {
     pub id: u64,
     pub card: Card,
     pub image: Arc<Prepared>,
-    pub verify: bool,
+    pub settings: Settings,
     pub cancel: Cancel,
     pub progress: Arc<JobProgress>,
     /// The job's log context: slot, device, DISKSEQ, serial, image.
@@ -69,7 +78,10 @@ fn flash(spec: &JobSpec, observer: &JobObserver) -> Result<Report, JobError> {
     // Known from preparation: never measure again per card.
     image.raw_size = Some(spec.image.raw_size);
     let opts = Options {
-        verify: spec.verify,
+        verify: spec.settings.verify,
+        expand: spec.settings.expand,
+        resize: spec.settings.resize,
+        eject: spec.settings.eject,
         // The operator named this port in the configuration: fixed disks are
         // allowed there; the system-disk and in-use rules still hold.
         force: true,
@@ -92,6 +104,10 @@ impl Observer for JobObserver {
         self.progress.done.store(0, Ordering::Relaxed);
         self.progress.total.store(0, Ordering::Relaxed);
         let _ = self.tx.blocking_send(Msg::Stage { job: self.id, stage });
+    }
+
+    fn outcome(&self, outcome: &StageOutcome) {
+        let _ = self.tx.blocking_send(Msg::Outcome { job: self.id, outcome: outcome.clone() });
     }
 
     fn progress(&self, stage: Stage, done: u64, total: u64) {

@@ -37,7 +37,7 @@ use job::{JobProgress, JobSpec};
 use status::{SlotState, SlotStatus, Snapshot, Summary};
 
 use crate::config::{Config, SlotConfig};
-use crate::pipeline::{Cancel, JobError, Report, Stage};
+use crate::pipeline::{Cancel, EjectMode, JobError, Report, Stage, StageOutcome, StageResult};
 use crate::udev::{Action, DeviceEvent};
 
 /// How often running jobs' progress is sampled and published.
@@ -54,6 +54,10 @@ pub enum Msg {
     Stage {
         job: u64,
         stage: Stage,
+    },
+    Outcome {
+        job: u64,
+        outcome: StageOutcome,
     },
     Finished {
         job: u64,
@@ -105,6 +109,11 @@ struct Slot {
     meter: Meter,
     /// Dropped from the configuration; kept until its running job ends.
     retired: bool,
+    /// Outcomes of the current (or last) job's stages.
+    stages: Vec<StageOutcome>,
+    /// The last job ejected the card: its removal is expected, and `done`
+    /// stays on show until the next card.
+    ejected: bool,
 }
 
 /// Rate and ETA of the running stage, from sampled byte counts.
@@ -150,6 +159,8 @@ impl Slot {
             io_failure_at: None,
             meter: Meter::default(),
             retired: false,
+            stages: Vec::new(),
+            ejected: false,
         }
     }
 
@@ -182,6 +193,7 @@ impl Slot {
             finished_at: self.finished_at,
             error: self.error.clone(),
             jobs: self.jobs,
+            stages: self.stages.clone(),
         }
     }
 
@@ -304,6 +316,7 @@ impl Station {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Stage { job, stage } => self.on_stage(job, stage),
+            Msg::Outcome { job, outcome } => self.on_outcome(job, outcome),
             Msg::Finished { job, result } => self.on_finished(job, &result),
             Msg::Prepared { image, result } => {
                 match &result {
@@ -370,6 +383,8 @@ impl Station {
         slot.started_at = None;
         slot.finished_at = None;
         slot.meter = Meter::default();
+        slot.stages.clear();
+        slot.ejected = false;
         if ev.action == Action::Existing && !self.config.flash_present_at_start {
             slot.state = SlotState::Present;
             slot.span().in_scope(|| tracing::info!(stage = "present", "card present at start, left alone"));
@@ -411,6 +426,9 @@ impl Station {
                 slot.state = SlotState::Empty;
                 span.in_scope(|| tracing::info!(stage = "empty", "card removed before it was written"));
             }
+            None if slot.state == SlotState::Done && slot.ejected => {
+                span.in_scope(|| tracing::info!(stage = "done", "ejected card removed"));
+            }
             None if slot.state == SlotState::Failed
                 && slot.io_failure_at.is_some_and(|t| t.elapsed() < YANK_WINDOW) =>
             {
@@ -434,9 +452,31 @@ impl Station {
         slot.state = match stage {
             Stage::Write => SlotState::Writing,
             Stage::Verify => SlotState::Verifying,
+            Stage::Expand => SlotState::Expanding,
+            Stage::Resize => SlotState::Resizing,
+            Stage::Eject => SlotState::Ejecting,
         };
         slot.meter = Meter { written: slot.meter.written, ..Meter::default() };
         slot.span().in_scope(|| tracing::info!(stage = slot.state.name(), "{}", slot.state));
+        self.changed();
+    }
+
+    fn on_outcome(&mut self, job: u64, outcome: StageOutcome) {
+        let Some(slot) = self.slots.iter_mut().find(|s| s.job.as_ref().is_some_and(|j| j.id == job)) else { return };
+        let result = match outcome.result {
+            StageResult::Done => "done",
+            StageResult::Skipped => "skipped",
+            StageResult::Failed => "failed",
+        };
+        slot.span().in_scope(|| {
+            let (stage, secs, detail) = (outcome.stage.name(), outcome.seconds, &outcome.detail);
+            if outcome.result == StageResult::Failed {
+                tracing::error!(stage, result, "{stage} failed after {secs:.1} s: {detail}");
+            } else {
+                tracing::info!(stage, result, "{stage} {result} in {secs:.1} s: {detail}");
+            }
+        });
+        slot.stages.push(outcome);
         self.changed();
     }
 
@@ -474,6 +514,8 @@ impl Station {
         };
         slot.state = state;
         slot.error = error;
+        slot.ejected = matches!(self.config.eject, EjectMode::Eject | EjectMode::PowerOff)
+            && matches!(result, Ok(r) if r.stages.iter().any(|s| s.stage == Stage::Eject && s.result == StageResult::Done));
         match state {
             SlotState::Done => self.summary.done += 1,
             SlotState::Refused => self.summary.refused += 1,
@@ -481,13 +523,10 @@ impl Station {
         }
         let span = slot.span();
         span.in_scope(|| match (result, &slot.error) {
-            (Ok(r), _) => tracing::info!(
-                stage = "done",
-                "done: wrote {} in {:.1} s{}",
-                crate::units::Bytes(r.raw_size),
-                r.write_seconds,
-                r.verify_seconds.map_or_else(|| ", not verified".to_owned(), |v| format!(", verified in {v:.1} s"))
-            ),
+            (Ok(r), _) => {
+                let total: f64 = r.stages.iter().map(|s| s.seconds).sum();
+                tracing::info!(stage = "done", "done: {} in {total:.1} s", crate::units::Bytes(r.raw_size));
+            }
             (_, Some(e)) => tracing::error!(stage = state.name(), "{state}: {e}"),
             (Err(_), None) => {}
         });
@@ -539,7 +578,12 @@ impl Station {
     }
 
     fn start_job(&mut self, s: usize, image: Arc<Prepared>, permit: tokio::sync::OwnedSemaphorePermit) {
-        let verify = self.config.verify;
+        let settings = job::Settings {
+            verify: self.config.verify,
+            expand: self.config.expand,
+            resize: self.config.resize,
+            eject: self.config.eject,
+        };
         let slot = &mut self.slots[s];
         let (Some(job), Some(card)) = (slot.job.as_mut(), slot.card.clone()) else { return };
         job.running = true;
@@ -549,7 +593,7 @@ impl Station {
             id: job.id,
             card,
             image,
-            verify,
+            settings,
             cancel: job.cancel.clone(),
             progress: Arc::clone(&job.progress),
             span: slot.span(),

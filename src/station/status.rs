@@ -139,6 +139,8 @@ pub struct SlotStatus {
     pub error: Option<String>,
     /// Jobs started on this slot since the daemon started.
     pub jobs: u64,
+    /// What each stage of the current (or last) job did.
+    pub stages: Vec<crate::pipeline::StageOutcome>,
 }
 
 fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {

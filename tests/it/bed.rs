@@ -151,45 +151,49 @@ impl Bed {
     /// A partitioned OS-like image as image builders make them: a FAT32
     /// boot partition and an ext4 root partition, both holding files.
     pub fn os_image(&self, name: &str, table: Table) -> PathBuf {
+        self.os_image_with(name, &OsSpec { table, ..OsSpec::default() }).path
+    }
+
+    /// As [`Bed::os_image`], sized and optionally damaged; the returned
+    /// [`OsImage`] keeps the files that went into each partition.
+    pub fn os_image_with(&self, name: &str, spec: &OsSpec) -> OsImage {
         let boot_mib = 64;
-        let root_mib = 48;
+        let root_mib = spec.root_mib;
         let work = self.path(&format!("{name}.parts"));
         fs::create_dir_all(work.join("root/etc")).unwrap();
         fs::create_dir_all(work.join("root/usr/lib")).unwrap();
+        fs::create_dir_all(work.join("boot")).unwrap();
         fs::write(work.join("root/etc/hostname"), "flashbay-test\n").unwrap();
         let mut rng = Rng(0x5eed);
         let mut blob = vec![0u8; 3 << 20];
         rng.fill(&mut blob);
         fs::write(work.join("root/usr/lib/blob.bin"), &blob).unwrap();
-        fs::write(work.join("config.txt"), "arm_64bit=1\nenable_uart=1\n").unwrap();
-        fs::write(work.join("kernel.img"), &blob[..1 << 20]).unwrap();
+        fs::write(work.join("boot/config.txt"), "arm_64bit=1\nenable_uart=1\n").unwrap();
+        fs::write(work.join("boot/kernel.img"), &blob[..1 << 20]).unwrap();
 
         let boot = work.join("boot.part");
         File::create(&boot).unwrap().set_len(boot_mib * MIB).unwrap();
         run("mkfs.vfat", &["-F", "32", "-n", "BOOT", boot.to_str().unwrap()]);
         for f in ["config.txt", "kernel.img"] {
-            run("mcopy", &["-i", boot.to_str().unwrap(), work.join(f).to_str().unwrap(), "::"]);
+            run("mcopy", &["-i", boot.to_str().unwrap(), work.join("boot").join(f).to_str().unwrap(), "::"]);
         }
         let root = work.join("root.part");
+        let root_dir = work.join("root");
+        let size = format!("{root_mib}M");
         run(
             "mkfs.ext4",
-            &[
-                "-q",
-                "-F",
-                "-L",
-                "rootfs",
-                "-d",
-                work.join("root").to_str().unwrap(),
-                root.to_str().unwrap(),
-                &format!("{root_mib}M"),
-            ],
+            &["-q", "-F", "-L", "rootfs", "-d", root_dir.to_str().unwrap(), root.to_str().unwrap(), &size],
         );
+        if spec.break_root {
+            // Clear the root directory's inode: e2fsck -p cannot fix that.
+            run("debugfs", &["-w", "-R", "clri <2>", root.to_str().unwrap()]);
+        }
 
         let path = self.path(name);
         // 1 MiB for the table, the partitions, 1 MiB for a GPT backup.
         let total = (1 + boot_mib + root_mib + 1) * MIB;
         File::create(&path).unwrap().set_len(total).unwrap();
-        let (label, boot_type, root_type) = match table {
+        let (label, boot_type, root_type) = match spec.table {
             Table::Mbr => ("dos", "c", "83"),
             Table::Gpt => ("gpt", "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7", "0FC63DAF-8483-4772-8E79-3D69D8477DE4"),
         };
@@ -203,8 +207,20 @@ impl Bed {
         let image = OpenOptions::new().write(true).open(&path).unwrap();
         image.write_all_at(&fs::read(&boot).unwrap(), MIB).unwrap();
         image.write_all_at(&fs::read(&root).unwrap(), (1 + boot_mib) * MIB).unwrap();
-        fs::remove_dir_all(&work).unwrap();
-        path
+        fs::remove_file(&boot).unwrap();
+        fs::remove_file(&root).unwrap();
+        OsImage {
+            path,
+            boot_files: ["config.txt", "kernel.img"]
+                .iter()
+                .map(|f| ((*f).to_owned(), work.join("boot").join(f)))
+                .collect(),
+            root_files: ["etc/hostname", "usr/lib/blob.bin"]
+                .iter()
+                .map(|f| (format!("/{f}"), root_dir.join(f)))
+                .collect(),
+            root_bytes: root_mib * MIB,
+        }
     }
 
     /// Compresses with the real tool, keeping the original.
@@ -226,6 +242,31 @@ impl Bed {
 pub enum Table {
     Mbr,
     Gpt,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct OsSpec {
+    pub table: Table,
+    /// Size of the ext4 root partition (and filesystem).
+    pub root_mib: u64,
+    /// Damage the root filesystem beyond what `e2fsck -p` repairs.
+    pub break_root: bool,
+}
+
+impl Default for OsSpec {
+    fn default() -> Self {
+        Self { table: Table::Mbr, root_mib: 48, break_root: false }
+    }
+}
+
+/// An image from [`Bed::os_image_with`] and what went into it.
+pub struct OsImage {
+    pub path: PathBuf,
+    /// (name on the FAT partition, source file)
+    pub boot_files: Vec<(String, PathBuf)>,
+    /// (path in the ext4 partition, source file)
+    pub root_files: Vec<(String, PathBuf)>,
+    pub root_bytes: u64,
 }
 
 /// An empty card reader: a loop device number reserved for this test and

@@ -11,5 +11,6 @@ mod daemon;
 mod fusecard;
 mod guard;
 mod image;
+mod post;
 mod station;
 mod write;
