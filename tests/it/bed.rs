@@ -319,7 +319,7 @@ impl Loop {
     /// Plays the kernel's part: this VM's kernel parses no partition
     /// tables, so partitions appear only through BLKPG.
     pub fn add_partitions(&self) {
-        run("partx", &["-a", self.path()]);
+        run("partx", &["--update", self.path()]);
     }
 }
 
