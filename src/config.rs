@@ -10,19 +10,25 @@
 //! A syntax or type error stops deserialisation, so it is reported alone,
 //! at the location `serde_yaml` gives.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::image::Image;
 pub use crate::pipeline::EjectMode;
+use crate::report::leds::{LedConfig, Pattern, Role};
+use crate::station::status::SlotState;
 
 pub const DEFAULT_PATH: &str = "/etc/flashbay/flashbay.yaml";
+/// Local only unless the operator opens it up: the page shows card serials.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8088";
 
 /// A validated configuration.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq)]
 #[allow(clippy::struct_excessive_bools)] // they are the configuration's switches
 pub struct Config {
     /// The file this was read from; relative image paths are resolved
@@ -38,19 +44,40 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub slots: Vec<SlotConfig>,
+    /// The HTTP endpoint; `None` when disabled.
+    pub http: Option<HttpConfig>,
+    pub leds: LedConfig,
+    pub hooks: HooksConfig,
     /// Problems that do not stop the station, formatted `file:line:col: text`:
     /// an image that is missing or unusable fails only its slots' cards (and
     /// is retried for the next card, once fixed).
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotConfig {
     pub name: String,
     /// udev `ID_PATH` of the port, without any `/dev/disk/by-path/` prefix.
     pub port: String,
     /// Absolute path of the image this slot writes.
     pub image: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    /// Enables the control endpoints for clients that present it as a
+    /// bearer token; without it the endpoint is read-only.
+    pub control_token: Option<String>,
+}
+
+/// Commands run on slot events: argv, no shell unless the user writes one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HooksConfig {
+    pub on_state: Option<Vec<String>>,
+    pub on_done: Option<Vec<String>>,
+    pub on_failed: Option<Vec<String>>,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -65,6 +92,9 @@ struct RawConfig {
     status_file: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     cache_dir: Option<PathBuf>,
+    http: Option<RawHttp>,
+    leds: Option<RawLeds>,
+    hooks: Option<RawHooks>,
     slots: Option<Vec<RawSlot>>,
 }
 
@@ -73,6 +103,40 @@ struct RawSlot {
     name: Option<String>,
     port: Option<String>,
     image: Option<PathBuf>,
+    /// `{green: NAME, red: NAME}`
+    leds: Option<BTreeMap<String, String>>,
+    /// A single LED.
+    led: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawHttp {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    control_token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawLeds {
+    root: Option<PathBuf>,
+    /// state → role → pattern
+    states: Option<BTreeMap<String, BTreeMap<String, String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawHooks {
+    on_state: Option<RawCommand>,
+    on_done: Option<RawCommand>,
+    on_failed: Option<RawCommand>,
+    /// Seconds.
+    timeout: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawCommand {
+    Line(String),
+    Argv(Vec<String>),
 }
 
 /// One problem in a configuration file, at a 1-based line and column.
@@ -240,6 +304,7 @@ impl Validator<'_> {
         }
 
         let mut slots: Vec<SlotConfig> = Vec::new();
+        let mut led_slots = Vec::new();
         let mut seen_names: HashMap<String, usize> = HashMap::new();
         let mut seen_ports: HashMap<String, usize> = HashMap::new();
         let raw_slots = raw.slots.unwrap_or_default();
@@ -278,6 +343,7 @@ impl Validator<'_> {
                     PathBuf::new()
                 }
             };
+            led_slots.push((name.clone(), self.slot_leds(i, slot.leds, slot.led)));
             slots.push(SlotConfig { name, port, image });
         }
 
@@ -294,8 +360,97 @@ impl Validator<'_> {
             state_dir: dir(raw.state_dir, "/var/lib/flashbay"),
             cache_dir: dir(raw.cache_dir, "/var/cache/flashbay"),
             slots,
+            http: self.http(raw.http.unwrap_or_default()),
+            leds: self.leds(raw.leds.unwrap_or_default(), led_slots),
+            hooks: self.hooks(raw.hooks.unwrap_or_default()),
             warnings: Vec::new(),
         }
+    }
+
+    fn http(&mut self, raw: RawHttp) -> Option<HttpConfig> {
+        if raw.enabled == Some(false) {
+            return None;
+        }
+        let listen = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen = listen.parse().unwrap_or_else(|_| {
+            self.error("http.listen", format!("http.listen must be IP:port like 0.0.0.0:8088, not `{listen}`"));
+            SocketAddr::from(([127, 0, 0, 1], 8088))
+        });
+        if raw.control_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            self.error("http.control_token", "http.control_token is empty: remove it or set a secret".into());
+        }
+        Some(HttpConfig { listen, control_token: raw.control_token.filter(|t| !t.trim().is_empty()) })
+    }
+
+    fn leds(&mut self, raw: RawLeds, slots: Vec<(String, Vec<(Role, String)>)>) -> LedConfig {
+        let mut overrides = HashMap::new();
+        for (state_name, roles) in raw.states.unwrap_or_default() {
+            let at = format!("leds.states.{state_name}");
+            let Some(state) = SlotState::parse(&state_name) else {
+                self.error(&at, format!("unknown slot state `{state_name}`"));
+                continue;
+            };
+            for (role_name, pattern) in roles {
+                let at = format!("{at}.{role_name}");
+                match (Role::parse(&role_name), Pattern::parse(&pattern)) {
+                    (None, _) => self.error(&at, format!("LED role must be green, red or led, not `{role_name}`")),
+                    (_, Err(e)) => self.error(&at, e),
+                    (Some(role), Ok(p)) => {
+                        overrides.insert((state, role), p);
+                    }
+                }
+            }
+        }
+        LedConfig { root: raw.root.unwrap_or_else(|| PathBuf::from("/sys/class/leds")), slots, overrides }
+    }
+
+    fn slot_leds(
+        &mut self,
+        i: usize,
+        leds: Option<BTreeMap<String, String>>,
+        led: Option<String>,
+    ) -> Vec<(Role, String)> {
+        let mut out = Vec::new();
+        if let Some(name) = led {
+            out.push((Role::Single, name));
+        }
+        for (role_name, name) in leds.unwrap_or_default() {
+            match Role::parse(&role_name) {
+                Some(Role::Green | Role::Red) if out.iter().any(|(r, _)| *r == Role::Single) => {
+                    self.error(&format!("slots.{i}.leds"), "use either `led:` or `leds:`, not both".into());
+                }
+                Some(role @ (Role::Green | Role::Red)) => out.push((role, name)),
+                _ => self.error(
+                    &format!("slots.{i}.leds.{role_name}"),
+                    format!("LED must be green or red, not `{role_name}`"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn hooks(&mut self, raw: RawHooks) -> HooksConfig {
+        let mut command = |key: &str, raw: Option<RawCommand>| -> Option<Vec<String>> {
+            let argv = match raw? {
+                RawCommand::Argv(v) => v,
+                RawCommand::Line(line) => shlex::split(&line).unwrap_or_else(|| {
+                    self.error(&format!("hooks.{key}"), format!("hooks.{key}: unbalanced quotes in `{line}`"));
+                    Vec::new()
+                }),
+            };
+            if argv.first().is_none_or(String::is_empty) {
+                self.error(&format!("hooks.{key}"), format!("hooks.{key} is empty"));
+                return None;
+            }
+            Some(argv)
+        };
+        let on_state = command("on_state", raw.on_state);
+        let on_done = command("on_done", raw.on_done);
+        let on_failed = command("on_failed", raw.on_failed);
+        if raw.timeout == Some(0) {
+            self.error("hooks.timeout", "hooks.timeout must be at least 1 (seconds)".into());
+        }
+        HooksConfig { on_state, on_done, on_failed, timeout: Duration::from_secs(raw.timeout.unwrap_or(30).max(1)) }
     }
 
     /// An image should exist and be a format we can write; saying so here

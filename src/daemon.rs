@@ -10,11 +10,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::report::{notify, status_file};
+use crate::report::metrics::{self, Metrics};
+use crate::report::{hooks, http, leds, notify, status_file};
 use crate::station::{Msg, Station};
 use crate::tasks::Tasks;
 
@@ -31,12 +32,31 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
 
+    // Bind before anything else runs: a taken port is a startup error.
+    let listener = match &config.http {
+        Some(h) => Some(http::bind(h.listen).await?),
+        None => None,
+    };
+    let url = listener.as_ref().and_then(|l| l.local_addr().ok()).map(|a| format!("http://{a}"));
+    let (config_tx, config_rx) = watch::channel(Arc::clone(&config));
+
     let (devices_tx, devices) = mpsc::channel(256);
     let (rescan_tx, rescan) = mpsc::channel(4);
-    let (station, handles) = Station::new(Arc::clone(&config), rescan_tx);
+    let (station, handles) = Station::new(Arc::clone(&config), rescan_tx, url.clone());
+    // Followers subscribe before the station runs, so they miss nothing.
+    let (hook_events, metric_events) = (handles.events.resubscribe(), handles.events.resubscribe());
     tasks.spawn("station", station.run(devices, shutdown.clone()));
     tasks.spawn("status-file", status_file::run(config.status_file.clone(), handles.snapshots.clone()));
     tasks.spawn("notify", notify::run(handles.snapshots.clone(), Arc::clone(&handles.heartbeat), shutdown.clone()));
+    tasks.spawn("leds", leds::run(config_rx.clone(), handles.snapshots.clone()));
+    tasks.spawn("hooks", hooks::run(config_rx.clone(), hook_events));
+    if let (Some(listener), Some(url)) = (listener, &url) {
+        let metrics = Arc::new(Metrics::default());
+        tasks.spawn("metrics", metrics::follow(Arc::clone(&metrics), metric_events));
+        let state = http::Http::new(handles.snapshots.clone(), handles.events, handles.tx.clone(), config_rx, metrics);
+        tasks.spawn("http", http::serve(listener, state, shutdown.clone()));
+        tracing::info!("status page at {url}");
+    }
 
     let (ready_tx, ready) = oneshot::channel();
     let udev =
@@ -57,7 +77,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         loop {
             tokio::select! {
                 () = stop.cancelled() => return Ok(()),
-                _ = hangup.recv() => reload(&config_path, &station).await,
+                _ = hangup.recv() => reload(&config_path, &station, &config_tx).await,
                 _ = terminate.recv() => break,
                 _ = interrupt.recv() => break,
             }
@@ -72,7 +92,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
 /// SIGHUP: read and validate the configuration again; apply it only if it
 /// is valid. Jobs in flight keep the settings they started with.
-async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>) {
+async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>, current: &watch::Sender<Arc<Config>>) {
     notify::reloading();
     let path = config_path.to_owned();
     match tokio::task::spawn_blocking(move || Config::load(&path)).await {
@@ -80,10 +100,15 @@ async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>) {
             for warning in &config.warnings {
                 tracing::warn!("{warning}");
             }
+            if config.http.as_ref().map(|h| h.listen) != current.borrow().http.as_ref().map(|h| h.listen) {
+                tracing::warn!("http.listen changes take effect at the next restart");
+            }
+            let config = Arc::new(config);
             let (done, applied) = oneshot::channel();
-            if station.send(Msg::Reload { config: Arc::new(config), done }).await.is_ok() {
+            if station.send(Msg::Reload { config: Arc::clone(&config), done }).await.is_ok() {
                 let _ = applied.await;
             }
+            current.send_replace(config);
         }
         Ok(Err(errors)) => {
             for line in errors.to_string().lines() {

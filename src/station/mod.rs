@@ -28,13 +28,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use images::{Prepared, prepare, prune_cache};
 pub use job::Card;
 use job::{JobProgress, JobSpec};
-use status::{SlotState, SlotStatus, Snapshot, Summary};
+use status::{Event, JobRecord, LogLine, SlotState, SlotStatus, Snapshot, Summary};
+use tracing::Level;
 
 use crate::config::{Config, SlotConfig};
 use crate::pipeline::{Cancel, EjectMode, JobError, Report, Stage, StageOutcome, StageResult};
@@ -67,6 +68,16 @@ pub enum Msg {
         image: PathBuf,
         result: Result<Prepared, String>,
     },
+    /// An operator asks to stop the slot's job; the reply says what happened.
+    Cancel {
+        slot: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+    /// An operator asks to write the slot's card again.
+    Retry {
+        slot: String,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
     /// Apply a new, already validated configuration; `done` fires after.
     Reload {
         config: Arc<Config>,
@@ -79,6 +90,7 @@ pub enum Msg {
 enum StopReason {
     Removed,
     Shutdown,
+    Operator,
 }
 
 #[derive(Debug)]
@@ -221,10 +233,15 @@ impl Slot {
 }
 
 /// Handles the rest of the daemon keeps on the station.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Handles {
     pub tx: mpsc::Sender<Msg>,
     pub snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Every slot change, log line and finished card, in order; a follower
+    /// that falls behind loses events (and should resynchronise from a
+    /// snapshot). The station holds the only sender, so the stream ends,
+    /// for every follower, when the station does.
+    pub events: broadcast::Receiver<Event>,
     /// Increases on every turn of the station's loop: the watchdog's proof of life.
     pub heartbeat: Arc<AtomicU64>,
 }
@@ -245,7 +262,9 @@ pub struct Station {
     summary: Summary,
     version: u64,
     publish: watch::Sender<Arc<Snapshot>>,
+    events: broadcast::Sender<Event>,
     heartbeat: Arc<AtomicU64>,
+    http: Option<String>,
 }
 
 impl std::fmt::Debug for Station {
@@ -255,7 +274,11 @@ impl std::fmt::Debug for Station {
 }
 
 impl Station {
-    pub fn new(config: Arc<Config>, rescan: mpsc::Sender<crate::udev::Request>) -> (Self, Handles) {
+    pub fn new(
+        config: Arc<Config>,
+        rescan: mpsc::Sender<crate::udev::Request>,
+        http: Option<String>,
+    ) -> (Self, Handles) {
         let (tx, rx) = mpsc::channel(256);
         let slots: Vec<Slot> = config.slots.iter().cloned().map(Slot::new).collect();
         let placeholder = Arc::new(Snapshot {
@@ -263,12 +286,14 @@ impl Station {
             updated_at: SystemTime::now(),
             config: config.file.clone(),
             concurrency: config.concurrency,
+            http: http.clone(),
             summary: Summary::default(),
             images: Vec::new(),
             slots: slots.iter().map(Slot::status).collect(),
         });
         let (publish, snapshots) = watch::channel(placeholder);
         let heartbeat = Arc::new(AtomicU64::new(0));
+        let (events, follow) = broadcast::channel(1024);
         let station = Self {
             permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
@@ -283,9 +308,11 @@ impl Station {
             summary: Summary::default(),
             version: 0,
             publish,
+            events,
             heartbeat: Arc::clone(&heartbeat),
+            http,
         };
-        (station, Handles { tx, snapshots, heartbeat })
+        (station, Handles { tx, snapshots, events: follow, heartbeat })
     }
 
     /// Runs until `shutdown`, then stops every job (its slot becomes
@@ -330,6 +357,12 @@ impl Station {
                 self.images.finish(&image, result);
                 self.changed();
                 self.schedule();
+            }
+            Msg::Cancel { slot, reply } => {
+                let _ = reply.send(self.cancel(&slot));
+            }
+            Msg::Retry { slot, reply } => {
+                let _ = reply.send(self.retry(&slot));
             }
             Msg::Reload { config, done } => {
                 self.reload(config);
@@ -387,7 +420,7 @@ impl Station {
         slot.ejected = false;
         if ev.action == Action::Existing && !self.config.flash_present_at_start {
             slot.state = SlotState::Present;
-            slot.span().in_scope(|| tracing::info!(stage = "present", "card present at start, left alone"));
+            self.log(i, Level::INFO, "present", "card present at start, left alone");
         } else {
             let id = self.next_job;
             self.next_job += 1;
@@ -400,9 +433,9 @@ impl Station {
                     .into_iter()
                     .flatten()
                     .collect();
-            slot.span().in_scope(|| tracing::info!(stage = "queued", "card inserted: {}", what.join(" ")));
+            self.log(i, Level::INFO, "queued", &format!("card inserted: {}", what.join(" ")));
         }
-        self.changed();
+        self.slot_changed(i);
         self.schedule();
     }
 
@@ -411,23 +444,24 @@ impl Station {
         if slot.card.is_none() && slot.job.is_none() {
             return;
         }
+        // Log with the card's fields, before they go.
         let span = slot.span();
         slot.card = None;
-        match slot.job.as_mut() {
+        let (level, stage, message) = match slot.job.as_mut() {
             Some(job) if job.running => {
                 job.stop = Some(StopReason::Removed);
                 job.cancel.cancel();
-                span.in_scope(|| tracing::warn!(stage = slot.state.name(), "card removed during {}", slot.state));
+                (Level::WARN, slot.state.name(), format!("card removed during {}", slot.state))
             }
             Some(job) => {
                 let id = job.id;
                 self.queue.retain(|&q| q != id);
                 slot.job = None;
                 slot.state = SlotState::Empty;
-                span.in_scope(|| tracing::info!(stage = "empty", "card removed before it was written"));
+                (Level::INFO, "empty", "card removed before it was written".to_owned())
             }
             None if slot.state == SlotState::Done && slot.ejected => {
-                span.in_scope(|| tracing::info!(stage = "done", "ejected card removed"));
+                (Level::INFO, "done", "ejected card removed".to_owned())
             }
             None if slot.state == SlotState::Failed
                 && slot.io_failure_at.is_some_and(|t| t.elapsed() < YANK_WINDOW) =>
@@ -436,19 +470,21 @@ impl Station {
                 let cause = slot.error.take().unwrap_or_default();
                 slot.error = Some(format!("card removed during writing ({cause})"));
                 slot.io_failure_at = None;
-                span.in_scope(|| tracing::warn!(stage = "failed", "card was removed while being written"));
+                (Level::WARN, "failed", "card was removed while being written".to_owned())
             }
             None => {
                 slot.state = SlotState::Empty;
                 slot.error = None;
-                span.in_scope(|| tracing::info!(stage = "empty", "card removed"));
+                (Level::INFO, "empty", "card removed".to_owned())
             }
-        }
-        self.changed();
+        };
+        self.log_in(&span, i, level, stage, &message);
+        self.slot_changed(i);
     }
 
     fn on_stage(&mut self, job: u64, stage: Stage) {
-        let Some(slot) = self.slots.iter_mut().find(|s| s.job.as_ref().is_some_and(|j| j.id == job)) else { return };
+        let Some(i) = self.slot_of_job(job) else { return };
+        let slot = &mut self.slots[i];
         slot.state = match stage {
             Stage::Write => SlotState::Writing,
             Stage::Verify => SlotState::Verifying,
@@ -457,27 +493,22 @@ impl Station {
             Stage::Eject => SlotState::Ejecting,
         };
         slot.meter = Meter { written: slot.meter.written, ..Meter::default() };
-        slot.span().in_scope(|| tracing::info!(stage = slot.state.name(), "{}", slot.state));
-        self.changed();
+        let name = slot.state.name();
+        self.log(i, Level::INFO, name, name);
+        self.slot_changed(i);
     }
 
     fn on_outcome(&mut self, job: u64, outcome: StageOutcome) {
-        let Some(slot) = self.slots.iter_mut().find(|s| s.job.as_ref().is_some_and(|j| j.id == job)) else { return };
-        let result = match outcome.result {
-            StageResult::Done => "done",
-            StageResult::Skipped => "skipped",
-            StageResult::Failed => "failed",
+        let Some(i) = self.slot_of_job(job) else { return };
+        let (stage, secs, detail) = (outcome.stage.name(), outcome.seconds, &outcome.detail);
+        let (level, message) = match outcome.result {
+            StageResult::Done => (Level::INFO, format!("{stage} done in {secs:.1} s: {detail}")),
+            StageResult::Skipped => (Level::INFO, format!("{stage} skipped: {detail}")),
+            StageResult::Failed => (Level::ERROR, format!("{stage} failed after {secs:.1} s: {detail}")),
         };
-        slot.span().in_scope(|| {
-            let (stage, secs, detail) = (outcome.stage.name(), outcome.seconds, &outcome.detail);
-            if outcome.result == StageResult::Failed {
-                tracing::error!(stage, result, "{stage} failed after {secs:.1} s: {detail}");
-            } else {
-                tracing::info!(stage, result, "{stage} {result} in {secs:.1} s: {detail}");
-            }
-        });
-        slot.stages.push(outcome);
-        self.changed();
+        self.log(i, level, stage, &message);
+        self.slots[i].stages.push(outcome);
+        self.slot_changed(i);
     }
 
     fn on_finished(&mut self, id: u64, result: &Result<Report, JobError>) {
@@ -486,7 +517,7 @@ impl Station {
             self.schedule();
             return;
         }
-        let Some(i) = self.slots.iter().position(|s| s.job.as_ref().is_some_and(|j| j.id == id)) else { return };
+        let Some(i) = self.slot_of_job(id) else { return };
         let slot = &mut self.slots[i];
         let Some(job) = slot.job.take() else { return };
         slot.meter.sample(&job.progress, Instant::now());
@@ -499,6 +530,7 @@ impl Station {
             (Ok(_), _) => (SlotState::Done, None),
             (Err(JobError::Refused(r)), _) => (SlotState::Refused, Some(r.to_string())),
             (Err(_), Some(StopReason::Shutdown)) => (SlotState::Failed, Some("interrupted".to_owned())),
+            (Err(_), Some(StopReason::Operator)) => (SlotState::Failed, Some("cancelled by the operator".to_owned())),
             (Err(JobError::Cancelled { .. }), Some(StopReason::Removed)) => {
                 (SlotState::Failed, Some(format!("card removed during {during}")))
             }
@@ -521,17 +553,19 @@ impl Station {
             SlotState::Refused => self.summary.refused += 1,
             _ => self.summary.failed += 1,
         }
-        let span = slot.span();
-        span.in_scope(|| match (result, &slot.error) {
+        match (result, slot.error.clone()) {
             (Ok(r), _) => {
                 let total: f64 = r.stages.iter().map(|s| s.seconds).sum();
-                tracing::info!(stage = "done", "done: {} in {total:.1} s", crate::units::Bytes(r.raw_size));
+                self.log(i, Level::INFO, "done", &format!("done: {} in {total:.1} s", crate::units::Bytes(r.raw_size)));
             }
-            (_, Some(e)) => tracing::error!(stage = state.name(), "{state}: {e}"),
+            (_, Some(e)) => self.log(i, Level::ERROR, state.name(), &format!("{state}: {e}")),
             (Err(_), None) => {}
-        });
+        }
         self.record_history(i, result);
-        self.changed();
+        let record =
+            JobRecord { slot: self.slots[i].config.name.clone(), state, report: result.as_ref().ok().cloned() };
+        let _ = self.events.send(Event::Finished(Arc::new(record)));
+        self.slot_changed(i);
         self.schedule();
     }
 
@@ -562,10 +596,13 @@ impl Station {
                     slot.error = Some(e.clone());
                     slot.finished_at = Some(SystemTime::now());
                     self.summary.failed += 1;
-                    slot.span().in_scope(|| tracing::error!(stage = "failed", "{e}"));
+                    self.log(s, Level::ERROR, "failed", &e);
+                    let record =
+                        JobRecord { slot: self.slots[s].config.name.clone(), state: SlotState::Failed, report: None };
+                    let _ = self.events.send(Event::Finished(Arc::new(record)));
                     // Let the next card retry, in case the image was fixed.
                     self.images.forget_failed(&image);
-                    self.changed();
+                    self.slot_changed(s);
                 }
                 Some(images::ImageState::Ready(prepared)) => {
                     let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else { break };
@@ -679,12 +716,105 @@ impl Station {
         for slot in &mut self.slots {
             if let Some(job) = slot.job.as_ref().filter(|j| j.running) {
                 slot.meter.sample(&job.progress, now);
+                let _ = self.events.send(Event::Slot(Arc::new(slot.status())));
                 any = true;
             }
         }
         if any {
             self.publish_snapshot();
         }
+    }
+
+    fn slot_of_job(&self, job: u64) -> Option<usize> {
+        self.slots.iter().position(|s| s.job.as_ref().is_some_and(|j| j.id == job))
+    }
+
+    fn slot_named(&self, name: &str) -> Result<usize, String> {
+        self.slots
+            .iter()
+            .position(|s| !s.retired && s.config.name == name)
+            .ok_or_else(|| format!("no slot named {name}"))
+    }
+
+    /// Operator: stop the job on a slot (running or queued).
+    fn cancel(&mut self, name: &str) -> Result<String, String> {
+        let i = self.slot_named(name)?;
+        let slot = &mut self.slots[i];
+        match slot.job.as_mut() {
+            Some(job) if job.running => {
+                job.stop = Some(StopReason::Operator);
+                job.cancel.cancel();
+                self.log(i, Level::WARN, "cancel", "cancelled by the operator");
+                Ok(format!("{name}: stopping"))
+            }
+            Some(job) => {
+                let id = job.id;
+                self.queue.retain(|&q| q != id);
+                slot.job = None;
+                slot.state = SlotState::Failed;
+                slot.error = Some("cancelled by the operator".into());
+                self.log(i, Level::WARN, "failed", "cancelled by the operator before it started");
+                self.slot_changed(i);
+                Ok(format!("{name}: cancelled"))
+            }
+            None => Err(format!("{name}: nothing to cancel ({})", slot.state)),
+        }
+    }
+
+    /// Operator: write the card in a slot again (after done, failed, refused or present).
+    fn retry(&mut self, name: &str) -> Result<String, String> {
+        let i = self.slot_named(name)?;
+        let slot = &mut self.slots[i];
+        if slot.card.is_none() {
+            return Err(format!("{name}: no card"));
+        }
+        if slot.job.is_some() {
+            return Err(format!("{name}: busy ({})", slot.state));
+        }
+        let id = self.next_job;
+        self.next_job += 1;
+        slot.job = Some(Job { id, cancel: Cancel::default(), progress: Arc::default(), running: false, stop: None });
+        slot.state = SlotState::Queued;
+        slot.error = None;
+        slot.stages.clear();
+        slot.ejected = false;
+        self.queue.push_back(id);
+        self.log(i, Level::INFO, "queued", "queued again by the operator");
+        self.slot_changed(i);
+        self.schedule();
+        Ok(format!("{name}: queued"))
+    }
+
+    /// A job log line: to the journal (with the slot's fields) and to followers.
+    fn log(&self, i: usize, level: Level, stage: &str, message: &str) {
+        self.log_in(&self.slots[i].span(), i, level, stage, message);
+    }
+
+    fn log_in(&self, span: &tracing::Span, i: usize, level: Level, stage: &str, message: &str) {
+        span.in_scope(|| match level {
+            Level::ERROR => tracing::error!(stage, "{message}"),
+            Level::WARN => tracing::warn!(stage, "{message}"),
+            _ => tracing::info!(stage, "{message}"),
+        });
+        let level = match level {
+            Level::ERROR => "error",
+            Level::WARN => "warn",
+            _ => "info",
+        };
+        let line = LogLine {
+            time: SystemTime::now(),
+            slot: self.slots[i].config.name.clone(),
+            level,
+            stage: stage.to_owned(),
+            message: message.to_owned(),
+        };
+        let _ = self.events.send(Event::Log(Arc::new(line)));
+    }
+
+    /// A slot changed: publish the snapshot and tell followers about the slot.
+    fn slot_changed(&mut self, i: usize) {
+        self.changed();
+        let _ = self.events.send(Event::Slot(Arc::new(self.slots[i].status())));
     }
 
     /// Cancels every job and waits (briefly) for them to stop.
@@ -707,10 +837,13 @@ impl Station {
                 }
             }
         }
-        for slot in &mut self.slots {
-            if slot.job.take().is_some_and(|j| j.running) {
-                slot.state = SlotState::Failed;
-                slot.error = Some("interrupted".into());
+        // Jobs stuck in the kernel past the grace period: give up on them.
+        for i in 0..self.slots.len() {
+            if self.slots[i].job.take().is_some_and(|j| j.running) {
+                self.slots[i].state = SlotState::Failed;
+                self.slots[i].error = Some("interrupted".into());
+                self.log(i, Level::ERROR, "failed", "interrupted (the job did not stop in time)");
+                self.slot_changed(i);
             }
         }
         self.changed();
@@ -756,6 +889,7 @@ impl Station {
             updated_at: SystemTime::now(),
             config: self.config.file.clone(),
             concurrency: self.config.concurrency,
+            http: self.http.clone(),
             summary,
             images: self.images.status(&self.config.images()),
             slots,

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
@@ -11,7 +12,7 @@ use crate::image::Format;
 
 /// The state of one slot. The names are part of the interface: they appear
 /// in the status file, the journal and the HTTP API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SlotState {
     /// No card.
@@ -35,6 +36,24 @@ pub enum SlotState {
 }
 
 impl SlotState {
+    pub const ALL: [Self; 11] = [
+        Self::Empty,
+        Self::Queued,
+        Self::Writing,
+        Self::Verifying,
+        Self::Expanding,
+        Self::Resizing,
+        Self::Ejecting,
+        Self::Done,
+        Self::Failed,
+        Self::Refused,
+        Self::Present,
+    ];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Empty => "empty",
@@ -72,6 +91,8 @@ pub struct Snapshot {
     pub updated_at: SystemTime,
     pub config: PathBuf,
     pub concurrency: usize,
+    /// Where the HTTP endpoint listens, when it does.
+    pub http: Option<String>,
     pub summary: Summary,
     pub images: Vec<ImageStatus>,
     pub slots: Vec<SlotStatus>,
@@ -153,4 +174,34 @@ fn rfc3339_opt<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::
         Some(t) => rfc3339(t, s),
         None => s.serialize_none(),
     }
+}
+
+/// What the station tells its followers, in the order it happened.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A slot changed state, or (at most four times a second) progressed.
+    Slot(Arc<SlotStatus>),
+    /// A job log line, as the journal has it.
+    Log(Arc<LogLine>),
+    /// A card is finished: done, failed or refused.
+    Finished(Arc<JobRecord>),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LogLine {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub slot: String,
+    /// `info`, `warn` or `error`.
+    pub level: &'static str,
+    pub stage: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub slot: String,
+    pub state: SlotState,
+    /// Present when the job got as far as a report (always for `done`).
+    pub report: Option<crate::pipeline::Report>,
 }

@@ -76,12 +76,16 @@ impl Daemon {
         let name = crate::bed::unique("daemon");
         let status = bed.path(&format!("{name}-status.json"));
         let config = bed.path(&format!("{name}.yaml"));
-        let header = format!(
+        let mut header = format!(
             "status_file: {}\nstate_dir: {}\ncache_dir: {}\n",
             status.display(),
             bed.path(&format!("{name}-state")).display(),
             bed.path(&format!("{name}-cache")).display()
         );
+        // Any free port, unless the test configures HTTP itself.
+        if !yaml.starts_with("http:") && !yaml.contains("\nhttp:") {
+            header.push_str("http:\n  listen: 127.0.0.1:0\n");
+        }
         fs::write(&config, format!("{header}{yaml}")).unwrap();
         let socket_path = bed.path(&format!("{name}-notify.sock"));
         let notify = UnixDatagram::bind(&socket_path).unwrap();
@@ -108,6 +112,14 @@ impl Daemon {
     /// Replaces the configuration file (keeping the fixture's paths).
     pub fn rewrite(&self, yaml: &str) {
         fs::write(&self.config, format!("{}{yaml}", self.header)).unwrap();
+    }
+
+    /// The base URL of the daemon's HTTP endpoint, from its status file.
+    pub fn url(&self) -> String {
+        self.wait_until("the HTTP endpoint", Duration::from_secs(10), |_| {}, |s| s["http"].is_string())["http"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     pub fn pid(&self) -> i32 {
