@@ -33,6 +33,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod station;
+pub mod status;
 pub mod tasks;
 pub mod tools;
 pub mod udev;

@@ -30,6 +30,17 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         log: Target,
     },
+    /// Show the station: every slot's state, card, progress and error
+    Status {
+        /// The daemon's HTTP address (default: from the configuration)
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print the whole station as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Validate a configuration and print its slot table
     Check {
         #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
@@ -150,6 +161,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // A job stuck in the kernel on a dead device must not keep us alive.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             result?;
+        }
+        Command::Status { url, config, json } => {
+            let (doc, source) = flashbay::status::fetch(url.as_deref(), &config)?;
+            if let flashbay::status::Source::File { path, reason } = &source {
+                eprintln!("warning: daemon not reachable ({reason}); showing {}", path.display());
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                print!("{}", flashbay::status::table(&doc));
+            }
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;

@@ -109,17 +109,19 @@ pub fn slot_states(dom: &str) -> Vec<(String, String)> {
             rest = after.find("-->").map_or("", |end| &after[end + 3..]);
             continue;
         }
-        let Some((name, attrs, after)) = parse_tag(rest) else {
+        let Some(tag) = Tag::parse(rest) else {
             rest = &rest[1..];
             continue;
         };
-        rest = after;
-        let attr = |key: &str| attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-        if attr("class").is_some_and(|class| class.split_ascii_whitespace().any(|c| c == "slot")) {
-            out.push((attr("id").unwrap_or_default(), attr("data-state").unwrap_or_default()));
+        rest = tag.after;
+        if tag.attr("class").is_some_and(|class| class.split_ascii_whitespace().any(|c| c == "slot")) {
+            out.push((
+                tag.attr("id").unwrap_or_default().to_owned(),
+                tag.attr("data-state").unwrap_or_default().to_owned(),
+            ));
         }
-        if ["script", "style", "template"].contains(&name.as_str()) {
-            let close = format!("</{name}");
+        if ["script", "style", "template"].contains(&tag.name.as_str()) {
+            let close = format!("</{}", tag.name);
             rest = rest.to_ascii_lowercase().find(&close).map_or("", |end| &rest[end..]);
         }
     }
@@ -167,6 +169,7 @@ impl Browser {
                 "--disable-component-update",
                 "--disable-sync",
                 "--disable-extensions",
+                "--disable-crash-reporter",
                 "--hide-scrollbars",
                 "--force-color-profile=srgb",
                 "--force-device-scale-factor=1",
@@ -210,7 +213,8 @@ impl Browser {
         };
 
         let target = browser.call("Target.createTarget", json!({ "url": "about:blank" }));
-        let attached = browser.call("Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true }));
+        let attached =
+            browser.call("Target.attachToTarget", json!({ "targetId": target["targetId"], "flatten": true }));
         browser.session = attached["sessionId"].as_str().map(str::to_owned);
         browser.call("Page.enable", json!({}));
         browser.call("Page.setLifecycleEventsEnabled", json!({ "enabled": true }));
@@ -275,8 +279,12 @@ impl Browser {
         let left = self.deadline.saturating_duration_since(Instant::now());
         match self.replies.recv_timeout(left) {
             Ok(message) => message,
-            Err(RecvTimeoutError::Timeout) => self.fail(&format!("timed out after {DEADLINE:?} waiting for {waiting_for}")),
-            Err(RecvTimeoutError::Disconnected) => self.fail(&format!("chromium exited while waiting for {waiting_for}")),
+            Err(RecvTimeoutError::Timeout) => {
+                self.fail(&format!("timed out after {DEADLINE:?} waiting for {waiting_for}"))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                self.fail(&format!("chromium exited while waiting for {waiting_for}"))
+            }
         }
     }
 
@@ -287,7 +295,8 @@ impl Browser {
         if let Ok(mut f) = File::open(self.profile.path().join("stderr.log")) {
             let _ = f.read_to_string(&mut log);
         }
-        let lines: Vec<&str> = log.lines().collect();
+        // Without a session bus Chromium logs D-Bus failures; they are noise.
+        let lines: Vec<&str> = log.lines().filter(|l| !l.contains(":ERROR:dbus/")).collect();
         let tail = lines[lines.len().saturating_sub(15)..].join("\n");
         panic!("chromium ({}): {reason}\n--- stderr (tail) ---\n{tail}", self.url);
     }
@@ -327,46 +336,61 @@ fn base64_decode(text: &str) -> Vec<u8> {
     out
 }
 
-/// Parses the start tag at the beginning of `s` (which starts with '<'):
-/// lower-case tag name, attributes with entities decoded, and the text after
-/// the tag. None if it is not a start tag.
-fn parse_tag(s: &str) -> Option<(String, Vec<(String, String)>, &str)> {
-    let body = s.strip_prefix('<')?;
-    if !body.starts_with(|c: char| c.is_ascii_alphabetic()) {
-        return None;
+/// A start tag of serialized HTML.
+struct Tag<'a> {
+    /// Lower case.
+    name: String,
+    /// (lower-case name, value with character references decoded).
+    attrs: Vec<(String, String)>,
+    /// The text after the tag.
+    after: &'a str,
+}
+
+impl<'a> Tag<'a> {
+    fn attr(&self, key: &str) -> Option<&str> {
+        self.attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
-    let name_len = body.find(|c: char| c.is_ascii_whitespace() || c == '>' || c == '/').unwrap_or(body.len());
-    let name = body[..name_len].to_ascii_lowercase();
-    let mut rest = &body[name_len..];
-    let mut attrs = Vec::new();
-    loop {
-        rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '/');
-        if let Some(after) = rest.strip_prefix('>') {
-            return Some((name, attrs, after));
-        }
-        if rest.is_empty() {
+
+    /// Parses the start tag at the beginning of `s`; None if there is none.
+    fn parse(s: &'a str) -> Option<Self> {
+        let body = s.strip_prefix('<')?;
+        if !body.starts_with(|c: char| c.is_ascii_alphabetic()) {
             return None;
         }
-        let key_len = rest.find(|c: char| c.is_ascii_whitespace() || "=>/".contains(c)).unwrap_or(rest.len()).max(1);
-        let key = rest[..key_len].to_ascii_lowercase();
-        rest = rest[key_len..].trim_start();
-        let mut value = String::new();
-        if let Some(after) = rest.strip_prefix('=') {
-            let after = after.trim_start();
-            let (raw, tail) = match after.chars().next() {
-                Some(q @ ('"' | '\'')) => {
-                    let end = after[1..].find(q)? + 1;
-                    (&after[1..end], &after[end + 1..])
-                }
-                _ => {
-                    let end = after.find(|c: char| c.is_ascii_whitespace() || c == '>').unwrap_or(after.len());
-                    after.split_at(end)
-                }
-            };
-            value = decode_entities(raw);
-            rest = tail;
+        let name_len = body.find(|c: char| c.is_ascii_whitespace() || c == '>' || c == '/').unwrap_or(body.len());
+        let name = body[..name_len].to_ascii_lowercase();
+        let mut rest = &body[name_len..];
+        let mut attrs = Vec::new();
+        loop {
+            rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '/');
+            if let Some(after) = rest.strip_prefix('>') {
+                return Some(Self { name, attrs, after });
+            }
+            if rest.is_empty() {
+                return None;
+            }
+            let key_len =
+                rest.find(|c: char| c.is_ascii_whitespace() || "=>/".contains(c)).unwrap_or(rest.len()).max(1);
+            let key = rest[..key_len].to_ascii_lowercase();
+            rest = rest[key_len..].trim_start();
+            let mut value = String::new();
+            if let Some(after) = rest.strip_prefix('=') {
+                let after = after.trim_start();
+                let (raw, tail) = match after.chars().next() {
+                    Some(q @ ('"' | '\'')) => {
+                        let end = after[1..].find(q)? + 1;
+                        (&after[1..end], &after[end + 1..])
+                    }
+                    _ => {
+                        let end = after.find(|c: char| c.is_ascii_whitespace() || c == '>').unwrap_or(after.len());
+                        after.split_at(end)
+                    }
+                };
+                value = decode_entities(raw);
+                rest = tail;
+            }
+            attrs.push((key, value));
         }
-        attrs.push((key, value));
     }
 }
 

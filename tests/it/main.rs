@@ -11,6 +11,7 @@ mod daemon;
 mod fusecard;
 mod guard;
 mod image;
+mod observe;
 mod post;
 mod station;
 mod write;

@@ -272,3 +272,64 @@ impl Drop for Throttle {
 pub fn can_throttle() -> bool {
     Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device").exists()
 }
+
+/// An HTTP request that returns any status (no error for 4xx/5xx).
+pub fn http(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let mut req = ureq::http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut response = agent.run(req.body(()).unwrap()).unwrap();
+    (response.status().as_u16(), response.body_mut().read_to_string().unwrap_or_default())
+}
+
+/// A Server-Sent Events client on its own thread: events arrive on `rx`
+/// as (event name, JSON data) until the stream ends or this is dropped.
+pub struct SseClient {
+    pub rx: std::sync::mpsc::Receiver<(String, Value)>,
+}
+
+impl SseClient {
+    pub fn connect(url: &str) -> Self {
+        use std::io::BufRead;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let url = format!("{url}/api/events");
+        std::thread::spawn(move || {
+            let Ok(response) = ureq::get(&url).call() else { return };
+            let reader = std::io::BufReader::new(response.into_body().into_reader());
+            let mut event = String::new();
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if let Some(name) = line.strip_prefix("event: ") {
+                    event = name.to_owned();
+                } else if let Some(data) = line.strip_prefix("data: ") {
+                    let value = serde_json::from_str(data).unwrap_or(Value::Null);
+                    if tx.send((std::mem::take(&mut event), value)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Self { rx }
+    }
+
+    /// Collects events until `done` says stop (or `timeout`).
+    pub fn until(&self, timeout: Duration, mut done: impl FnMut(&str, &Value) -> bool) -> Vec<(String, Value)> {
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        while let Some(left) = timeout.checked_sub(start.elapsed()) {
+            match self.rx.recv_timeout(left) {
+                Ok((event, data)) => {
+                    let stop = done(&event, &data);
+                    seen.push((event, data));
+                    if stop {
+                        return seen;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("SSE: condition not met within {timeout:?}; got {} events, last {:?}", seen.len(), seen.last());
+    }
+}
