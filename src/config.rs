@@ -274,6 +274,12 @@ impl Validator<'_> {
         self.errors.push(ConfigError { line, column, message });
     }
 
+    /// An error about a key itself (not its value), shown at the key.
+    fn key_error(&mut self, path: &str, message: String) {
+        let (line, column) = self.index.locate_key(path);
+        self.errors.push(ConfigError { line, column, message });
+    }
+
     /// An error about a whole slot, shown at the slot's first key.
     fn slot_error(&mut self, i: usize, message: String) {
         let first_key =
@@ -387,13 +393,13 @@ impl Validator<'_> {
         for (state_name, roles) in raw.states.unwrap_or_default() {
             let at = format!("leds.states.{state_name}");
             let Some(state) = SlotState::parse(&state_name) else {
-                self.error(&at, format!("unknown slot state `{state_name}`"));
+                self.key_error(&at, format!("unknown slot state `{state_name}`"));
                 continue;
             };
             for (role_name, pattern) in roles {
                 let at = format!("{at}.{role_name}");
                 match (Role::parse(&role_name), Pattern::parse(&pattern)) {
-                    (None, _) => self.error(&at, format!("LED role must be green, red or led, not `{role_name}`")),
+                    (None, _) => self.key_error(&at, format!("LED role must be green, red or led, not `{role_name}`")),
                     (_, Err(e)) => self.error(&at, e),
                     (Some(role), Ok(p)) => {
                         overrides.insert((state, role), p);
@@ -420,7 +426,7 @@ impl Validator<'_> {
                     self.error(&format!("slots.{i}.leds"), "use either `led:` or `leds:`, not both".into());
                 }
                 Some(role @ (Role::Green | Role::Red)) => out.push((role, name)),
-                _ => self.error(
+                _ => self.key_error(
                     &format!("slots.{i}.leds.{role_name}"),
                     format!("LED must be green or red, not `{role_name}`"),
                 ),
@@ -433,10 +439,13 @@ impl Validator<'_> {
         let mut command = |key: &str, raw: Option<RawCommand>| -> Option<Vec<String>> {
             let argv = match raw? {
                 RawCommand::Argv(v) => v,
-                RawCommand::Line(line) => shlex::split(&line).unwrap_or_else(|| {
-                    self.error(&format!("hooks.{key}"), format!("hooks.{key}: unbalanced quotes in `{line}`"));
-                    Vec::new()
-                }),
+                RawCommand::Line(line) => {
+                    let Some(argv) = shlex::split(&line) else {
+                        self.error(&format!("hooks.{key}"), format!("hooks.{key}: unbalanced quotes in `{line}`"));
+                        return None;
+                    };
+                    argv
+                }
             };
             if argv.first().is_none_or(String::is_empty) {
                 self.error(&format!("hooks.{key}"), format!("hooks.{key} is empty"));
@@ -653,6 +662,54 @@ slots:
                 "10:5: unknown key `speed`",
             ]
         );
+    }
+
+    #[test]
+    fn http_leds_and_hooks_are_parsed_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        image(dir.path());
+        let file = dir.path().join("f.yaml");
+        let ok = "image: os.img
+http: {listen: 0.0.0.0:9000, control_token: t0ken}
+leds: {root: /tmp/leds, states: {done: {green: blink 1000/100}}}
+hooks: {on_done: \"beep -f 440 'x y'\", on_failed: [notify, fail], timeout: 5}
+slots:
+  - {name: A1, port: usb-1, leds: {green: a1g, red: a1r}}
+  - {name: A2, port: usb-2, led: a2}
+";
+        let c = Config::parse(&file, ok).unwrap();
+        let http = c.http.unwrap();
+        assert_eq!((http.listen.port(), http.control_token.as_deref()), (9000, Some("t0ken")));
+        assert_eq!(c.leds.pattern(SlotState::Done, Role::Green), Pattern::Blink { on_ms: 1000, off_ms: 100 });
+        assert_eq!(
+            c.leds.slots[0],
+            ("A1".to_owned(), vec![(Role::Green, "a1g".to_owned()), (Role::Red, "a1r".to_owned())])
+        );
+        assert_eq!(c.leds.slots[1], ("A2".to_owned(), vec![(Role::Single, "a2".to_owned())]));
+        assert_eq!(c.hooks.on_done.unwrap(), ["beep", "-f", "440", "x y"]);
+        assert_eq!(c.hooks.timeout, Duration::from_secs(5));
+
+        let bad = "image: os.img
+http: {listen: somewhere}
+leds: {states: {sleeping: {green: on}, done: {blue: on, red: dim}}}
+hooks: {on_state: \"echo 'oops\"}
+slots:
+  - {name: A1, port: usb-1, leds: {amber: x}}
+";
+        let err = Config::parse(&file, bad).unwrap_err().to_string();
+        for expected in [
+            "2:16: http.listen must be IP:port like 0.0.0.0:8088, not `somewhere`",
+            "3:17: unknown slot state `sleeping`",
+            "3:47: LED role must be green, red or led, not `blue`",
+            "3:62: LED pattern must be off, on or `blink ON/OFF` in ms (like blink 500/500), not `dim`",
+            "4:19: hooks.on_state: unbalanced quotes in `echo 'oops`",
+            "6:36: LED must be green or red, not `amber`",
+        ] {
+            assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
+        }
+        let off =
+            Config::parse(&file, "image: os.img\nhttp: {enabled: false}\nslots: [{name: A1, port: usb-1}]\n").unwrap();
+        assert_eq!(off.http, None);
     }
 
     #[test]
