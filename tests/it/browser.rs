@@ -78,7 +78,7 @@ pub fn screenshot(url: &str, budget_ms: u32, path: &Path, width: u32, height: u3
     let mut browser = Browser::open(url, budget_ms, width, height);
     let reply = browser.call("Page.captureScreenshot", json!({ "format": "png" }));
     let data = reply["data"].as_str().unwrap_or_else(|| panic!("chromium: no screenshot of {url}: {reply}"));
-    std::fs::write(path, base64_decode(data)).unwrap();
+    std::fs::write(path, base64::Engine::decode(&base64::engine::general_purpose::STANDARD, data).unwrap()).unwrap();
 }
 
 /// Number of pixels in a PNG that have exactly this RGB colour (alpha ignored).
@@ -98,34 +98,16 @@ pub fn count_pixels(png: &Path, rgb: [u8; 3]) -> usize {
 }
 
 /// The `data-state` of every element with class "slot", in document order,
-/// as (id, state); a missing attribute is an empty string. Skips comments and
-/// the contents of `<script>`, `<style>` and `<template>`.
+/// as (id, state); a missing attribute is an empty string.
 pub fn slot_states(dom: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut rest = dom;
-    while let Some(lt) = rest.find('<') {
-        rest = &rest[lt..];
-        if let Some(after) = rest.strip_prefix("<!--") {
-            rest = after.find("-->").map_or("", |end| &after[end + 3..]);
-            continue;
-        }
-        let Some(tag) = Tag::parse(rest) else {
-            rest = &rest[1..];
-            continue;
-        };
-        rest = tag.after;
-        if tag.attr("class").is_some_and(|class| class.split_ascii_whitespace().any(|c| c == "slot")) {
-            out.push((
-                tag.attr("id").unwrap_or_default().to_owned(),
-                tag.attr("data-state").unwrap_or_default().to_owned(),
-            ));
-        }
-        if ["script", "style", "template"].contains(&tag.name.as_str()) {
-            let close = format!("</{}", tag.name);
-            rest = rest.to_ascii_lowercase().find(&close).map_or("", |end| &rest[end..]);
-        }
-    }
-    out
+    let html = scraper::Html::parse_document(dom);
+    let slots = scraper::Selector::parse(".slot").unwrap();
+    html.select(&slots)
+        .map(|e| {
+            let attr = |name: &str| e.value().attr(name).unwrap_or_default().to_owned();
+            (attr("id"), attr("data-state"))
+        })
+        .collect()
 }
 
 /// One browser with one page, for one call.
@@ -309,160 +291,5 @@ impl Drop for Browser {
         let pgid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
-    }
-}
-
-/// Decodes standard base64 (as in DevTools' binary results); skips padding
-/// and anything outside the alphabet.
-fn base64_decode(text: &str) -> Vec<u8> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let mut out = Vec::with_capacity(text.len() / 4 * 3);
-    let (mut acc, mut bits) = (0u32, 0);
-    for sextet in text.bytes().filter_map(value) {
-        acc = ((acc << 6) | u32::from(sextet)) & 0xfff; // never more than 12 pending bits
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    out
-}
-
-/// A start tag of serialized HTML.
-struct Tag<'a> {
-    /// Lower case.
-    name: String,
-    /// (lower-case name, value with character references decoded).
-    attrs: Vec<(String, String)>,
-    /// The text after the tag.
-    after: &'a str,
-}
-
-impl<'a> Tag<'a> {
-    fn attr(&self, key: &str) -> Option<&str> {
-        self.attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
-    }
-
-    /// Parses the start tag at the beginning of `s`; None if there is none.
-    fn parse(s: &'a str) -> Option<Self> {
-        let body = s.strip_prefix('<')?;
-        if !body.starts_with(|c: char| c.is_ascii_alphabetic()) {
-            return None;
-        }
-        let name_len = body.find(|c: char| c.is_ascii_whitespace() || c == '>' || c == '/').unwrap_or(body.len());
-        let name = body[..name_len].to_ascii_lowercase();
-        let mut rest = &body[name_len..];
-        let mut attrs = Vec::new();
-        loop {
-            rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace() || c == '/');
-            if let Some(after) = rest.strip_prefix('>') {
-                return Some(Self { name, attrs, after });
-            }
-            if rest.is_empty() {
-                return None;
-            }
-            let key_len =
-                rest.find(|c: char| c.is_ascii_whitespace() || "=>/".contains(c)).unwrap_or(rest.len()).max(1);
-            let key = rest[..key_len].to_ascii_lowercase();
-            rest = rest[key_len..].trim_start();
-            let mut value = String::new();
-            if let Some(after) = rest.strip_prefix('=') {
-                let after = after.trim_start();
-                let (raw, tail) = match after.chars().next() {
-                    Some(q @ ('"' | '\'')) => {
-                        let end = after[1..].find(q)? + 1;
-                        (&after[1..end], &after[end + 1..])
-                    }
-                    _ => {
-                        let end = after.find(|c: char| c.is_ascii_whitespace() || c == '>').unwrap_or(after.len());
-                        after.split_at(end)
-                    }
-                };
-                value = decode_entities(raw);
-                rest = tail;
-            }
-            attrs.push((key, value));
-        }
-    }
-}
-
-/// Decodes the character references a serialized attribute value can hold.
-fn decode_entities(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(amp) = rest.find('&') {
-        out.push_str(&rest[..amp]);
-        rest = &rest[amp..];
-        let Some(semi) = rest.find(';').filter(|&i| i <= 10) else {
-            out.push('&');
-            rest = &rest[1..];
-            continue;
-        };
-        let entity = &rest[1..semi];
-        let decoded = match entity {
-            "amp" => Some('&'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "nbsp" => Some('\u{a0}'),
-            _ => entity
-                .strip_prefix("#x")
-                .or_else(|| entity.strip_prefix("#X"))
-                .and_then(|hex| u32::from_str_radix(hex, 16).ok())
-                .or_else(|| entity.strip_prefix('#').and_then(|dec| dec.parse().ok()))
-                .and_then(char::from_u32),
-        };
-        match decoded {
-            Some(c) => {
-                out.push(c);
-                rest = &rest[semi + 1..];
-            }
-            None => {
-                out.push('&');
-                rest = &rest[1..];
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slot_states_reads_serialized_dom() {
-        let dom = r#"<!DOCTYPE html><html><head><style>.slot{}</style></head><body>
-            <!-- <article class="slot" id="slot-X" data-state="empty"> -->
-            <main id="slots"><article id="slot-A1" class="slot" data-state="writing" title="a &quot;b&quot; &amp; c">
-            <div class="strip"></div></article><article class="big slot" id="slot-A&amp;2" data-state='done'></article>
-            <div class="slots" id="no"></div><article id="slot-B1" class="slot"></article></main>
-            <template><article class="slot" id="tpl" data-state="x"></article></template>
-            <script>if (a<b && c>d) x = '<article class="slot" id="js" data-state="y">';</script></body></html>"#;
-        assert_eq!(
-            slot_states(dom),
-            [
-                ("slot-A1".to_owned(), "writing".to_owned()),
-                ("slot-A&2".to_owned(), "done".to_owned()),
-                ("slot-B1".to_owned(), String::new()),
-            ]
-        );
-    }
-
-    #[test]
-    fn base64_round_trip() {
-        assert_eq!(base64_decode("aGVsbG8gd29ybGQ="), b"hello world");
-        assert_eq!(base64_decode("iVBORw0KGgo="), b"\x89PNG\r\n\x1a\n");
-        assert_eq!(base64_decode(""), b"");
     }
 }

@@ -7,6 +7,7 @@
 
 #[macro_use]
 mod bed;
+mod browser;
 mod daemon;
 mod fusecard;
 mod guard;

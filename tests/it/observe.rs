@@ -459,3 +459,46 @@ fn status_command_uses_the_api_then_the_file() {
     );
     assert!(String::from_utf8_lossy(&fallback.stdout).contains("A1    done"));
 }
+
+/// The status page in a real browser, during a flash: the rendered grid
+/// shows one slot done and one writing, and the screenshot has both state
+/// colours as solid blocks.
+#[test]
+fn status_page_renders_live_states_in_chromium() {
+    let bed = bed!(udev);
+    let Some(_) = crate::browser::chromium() else {
+        assert!(std::env::var_os("CI").is_none(), "chromium is not installed under CI");
+        eprintln!("SKIPPED: chromium is not installed (scripts/test installs it)");
+        return;
+    };
+    let _rule = UdevRule::install();
+    let (ra, rb) = (Reader::new(), Reader::new());
+    let image = bed.random_image("img", 24 * MIB, 59);
+    let yaml = format!(
+        "image: {}\nslots:\n  - {{name: A1, port: {}}}\n  - {{name: B1, port: {}}}\n",
+        image.display(),
+        port(&ra),
+        port(&rb)
+    );
+    let d = Daemon::start(&bed, &yaml);
+    let _slow = Throttle::new(d.pid(), &[&rb], MIB);
+    let (fast, slow) = (bed.card("a", 32 * MIB), bed.card("b", 32 * MIB));
+    let _a = ra.insert(&fast);
+    d.wait_slot("A1", "done", LONG);
+    let _b = rb.insert(&slow);
+    d.wait_slot("B1", "writing", LONG);
+
+    let url = format!("{}/", d.url());
+    let dom = crate::browser::dump_dom(&url, 1500);
+    let states = crate::browser::slot_states(&dom);
+    assert_eq!(states, [("slot-A1".to_owned(), "done".to_owned()), ("slot-B1".to_owned(), "writing".to_owned())]);
+
+    let shot = bed.path("page.png");
+    crate::browser::screenshot(&url, 1500, &shot, 1000, 700);
+    let (green, blue) = (
+        crate::browser::count_pixels(&shot, [0x2e, 0x7d, 0x32]),
+        crate::browser::count_pixels(&shot, [0x15, 0x65, 0xc0]),
+    );
+    assert!(green > 500 && blue > 500, "done {green} px, writing {blue} px in {}", shot.display());
+    assert_eq!(d.slot("B1")["state"], "writing", "the flash was still running while rendering");
+}
