@@ -37,4 +37,5 @@ pub mod status;
 pub mod tasks;
 pub mod tools;
 pub mod udev;
+pub mod udev_rules;
 pub mod units;

@@ -41,6 +41,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print udev rules for the configured slots (keeps automounters away)
+    UdevRules {
+        #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Validate a configuration and print its slot table
     Check {
         #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
@@ -172,6 +177,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", flashbay::status::table(&doc));
             }
+        }
+        Command::UdevRules { config } => {
+            print!("{}", flashbay::udev_rules::generate(&Config::load(&config)?));
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;

@@ -56,20 +56,21 @@ fn escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use super::*;
 
     #[test]
     fn one_match_per_slot() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("os.img"), [0u8; 512]).unwrap();
-        let c = Config::parse(&dir.path().join("f.yaml"), "image: os.img\nslots:\n  - {name: A1, port: usb-1}\n  - {name: B2, port: usb-2}\n").unwrap();
+        let c = Config::parse(
+            &dir.path().join("f.yaml"),
+            "image: os.img\nslots:\n  - {name: A1, port: usb-1}\n  - {name: B2, port: usb-2}\n",
+        )
+        .unwrap();
         let rules = generate(&c);
         assert!(rules.contains("ENV{ID_PATH}==\"usb-1\", ENV{FLASHBAY_SLOT}=\"A1\", GOTO=\"flashbay_slot\"\n"));
         assert!(rules.contains("ENV{ID_PATH}==\"usb-2\", ENV{FLASHBAY_SLOT}=\"B2\", GOTO=\"flashbay_slot\"\n"));
         assert!(rules.contains("ENV{UDISKS_IGNORE}=\"1\", ENV{UDISKS_AUTO}=\"0\""));
         assert!(rules.find("GOTO=\"flashbay_end\"\n\nLABEL=\"flashbay_slot\"").is_some());
-        let _ = Path::new("");
     }
 }

@@ -100,7 +100,7 @@ fn blank_ends(target: &Target) -> Result<(), JobError> {
 fn write_padded(target: &Target, buf: &mut [u8], from: usize, to: usize, offset: u64) -> Result<(), JobError> {
     let bs = target.block_size();
     let len = to - from;
-    if !target.is_direct() || len % bs == 0 {
+    if !target.is_direct() || len.is_multiple_of(bs) {
         target.write_at(&buf[from..to], offset)?;
         return Ok(());
     }

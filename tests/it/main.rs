@@ -12,6 +12,7 @@ mod daemon;
 mod fusecard;
 mod guard;
 mod image;
+mod install;
 mod observe;
 mod post;
 mod station;

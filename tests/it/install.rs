@@ -1,0 +1,116 @@
+//! Ready for a real station: the systemd unit, the installer, the udev
+//! rules loaded into the real udevd.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use crate::bed::{self, MIB, Reader, run};
+use crate::station::{UdevRule, port};
+
+const UNIT: &str = include_str!("../../systemd/flashbay.service");
+
+/// `systemd-analyze verify` accepts the unit (with ExecStart pointing at
+/// the binary under test, the one thing that differs from an install), and
+/// the offline security analysis rates it "OK".
+#[test]
+fn systemd_unit_verifies_and_is_hardened() {
+    let bed = bed!();
+    let unit = bed.path("flashbay.service");
+    fs::write(&unit, UNIT.replace("/usr/bin/flashbay", env!("CARGO_BIN_EXE_flashbay"))).unwrap();
+    let out = Command::new("systemd-analyze").args(["verify", unit.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out =
+        Command::new("systemd-analyze").args(["security", "--offline=true", unit.to_str().unwrap()]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("{text}"));
+    let exposure: f64 = line.split(": ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
+    assert!(exposure <= 3.0, "{line}");
+    for setting in
+        ["Type=notify", "WatchdogSec=", "Restart=on-failure", "StateDirectory=flashbay", "CacheDirectory=flashbay"]
+    {
+        assert!(UNIT.contains(setting), "{setting}");
+    }
+}
+
+/// The installer stages everything under DESTDIR with PREFIX applied, and
+/// never overwrites an existing configuration.
+#[test]
+fn installer_stages_files_and_keeps_an_existing_config() {
+    let bed = bed!();
+    let root = bed.path("root");
+    let install = || {
+        let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install"))
+            .env("DESTDIR", &root)
+            .env("PREFIX", "/opt/fb")
+            .env("FLASHBAY_BIN", env!("CARGO_BIN_EXE_flashbay"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    install();
+    let unit = fs::read_to_string(root.join("lib/systemd/system/flashbay.service")).unwrap();
+    assert!(unit.contains("ExecStart=/opt/fb/bin/flashbay run --config /etc/flashbay/flashbay.yaml"), "{unit}");
+    assert!(root.join("opt/fb/bin/flashbay").exists() && root.join("opt/fb/share/doc/flashbay/README.md").exists());
+    let config = root.join("etc/flashbay/flashbay.yaml");
+    assert_eq!(fs::read_to_string(&config).unwrap(), include_str!("../../etc/flashbay.yaml"));
+    fs::write(&config, "# mine\n").unwrap();
+    install();
+    assert_eq!(fs::read_to_string(&config).unwrap(), "# mine\n");
+}
+
+/// The generated rules, loaded into the real udevd, mark a slot's disk and
+/// its partitions for automounters to leave alone, and nothing else.
+#[test]
+fn udev_rules_mark_slot_devices_and_nothing_else() {
+    let bed = bed!(udev);
+    let _ports = UdevRule::install();
+    let (slot, other) = (Reader::new(), Reader::new());
+    let image = bed.random_image("img", MIB, 61);
+    let config = bed.path("flashbay.yaml");
+    fs::write(&config, format!("image: {}\nslots:\n  - {{name: A1, port: {}}}\n", image.display(), port(&slot)))
+        .unwrap();
+    let rules = bed.flashbay(&["udev-rules", "--config", config.to_str().unwrap()]);
+    assert!(rules.status.success());
+    let installed = Path::new("/run/udev/rules.d").join(format!("90-flashbay-test-{}.rules", std::process::id()));
+    fs::write(&installed, &rules.stdout).unwrap();
+    struct Remove<'a>(&'a Path);
+    impl Drop for Remove<'_> {
+        fn drop(&mut self) {
+            let _ = fs::remove_file(self.0);
+            let _ = Command::new("udevadm").args(["control", "--reload"]).status();
+        }
+    }
+    let _remove = Remove(&installed);
+    run("udevadm", &["control", "--reload"]);
+
+    let os = bed.os_image("os.img", bed::Table::Mbr);
+    let (a, b) = (bed.card("a", 160 * MIB), bed.card("b", 160 * MIB));
+    for card in [&a, &b] {
+        fs::OpenOptions::new()
+            .write(true)
+            .open(card)
+            .map(|f| {
+                use std::os::unix::fs::FileExt;
+                f.write_all_at(&fs::read(&os).unwrap(), 0).unwrap();
+            })
+            .unwrap();
+    }
+    let (in_slot, elsewhere) = (slot.insert(&a), other.insert(&b));
+    in_slot.add_partitions();
+    elsewhere.add_partitions();
+    bed::settle();
+    let props = |dev: &str| run("udevadm", &["info", "--query=property", dev]);
+    for dev in [in_slot.path().to_owned(), format!("{}p2", in_slot.path())] {
+        let p = props(&dev);
+        for want in ["UDISKS_IGNORE=1", "UDISKS_AUTO=0", "FLASHBAY_SLOT=A1"] {
+            assert!(p.lines().any(|l| l == want), "{dev} lacks {want}:\n{p}");
+        }
+    }
+    for dev in [elsewhere.path().to_owned(), format!("{}p2", elsewhere.path())] {
+        let p = props(&dev);
+        assert!(p.contains("ID_PATH="), "{dev} should have a port:\n{p}");
+        assert!(!p.contains("UDISKS_IGNORE") && !p.contains("FLASHBAY_SLOT"), "{dev} is not a slot:\n{p}");
+    }
+}
