@@ -29,6 +29,7 @@ pub mod config;
 pub mod daemon;
 pub mod guard;
 pub mod image;
+pub mod learn;
 pub mod pipeline;
 pub mod progress;
 pub mod report;

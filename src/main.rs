@@ -1,6 +1,6 @@
 //! The `flashbay` command: parses arguments and hands over to the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -8,10 +8,9 @@ use clap::{Parser, Subcommand};
 use flashbay::config::Config;
 use flashbay::guard::Guard;
 use flashbay::image::Image;
-use flashbay::pipeline::{self, Cancel, EjectMode, JobError, Options, Stage, StageResult};
+use flashbay::pipeline::{self, Cancel, EjectMode, JobError, Options};
 use flashbay::progress::Progress;
 use flashbay::report::journal::{self, Target};
-use flashbay::units::{Bytes, Rate};
 
 #[derive(Debug, Parser)]
 #[command(version, about = "Plug-and-flash duplication station for SD cards and USB sticks")]
@@ -40,6 +39,17 @@ enum Command {
         /// Print the whole station as JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Learn the ports: insert a card into each port in turn, Ctrl-C when done
+    Learn {
+        #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Add the new slots to the configuration file
+        #[arg(long)]
+        write: bool,
+        /// Slot names: PREFIX1, PREFIX2, …
+        #[arg(long, default_value = "A")]
+        prefix: String,
     },
     /// Print udev rules for the configured slots (keeps automounters away)
     UdevRules {
@@ -160,26 +170,17 @@ fn one_line(err: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run { config, .. } => {
-            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-            let result = runtime.block_on(flashbay::daemon::run(config));
-            // A job stuck in the kernel on a dead device must not keep us alive.
-            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-            result?;
-        }
-        Command::Status { url, config, json } => {
-            let (doc, source) = flashbay::status::fetch(url.as_deref(), &config)?;
-            if let flashbay::status::Source::File { path, reason } = &source {
-                eprintln!("warning: daemon not reachable ({reason}); showing {}", path.display());
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&doc)?);
-            } else {
-                print!("{}", flashbay::status::table(&doc));
-            }
-        }
+        Command::Run { config, .. } => block_on(flashbay::daemon::run(config)),
+        Command::Status { url, config, json } => status(url.as_deref(), &config, json),
+        Command::Learn { config, write, prefix } => block_on(async move {
+            let stop = async {
+                let _ = tokio::signal::ctrl_c().await;
+            };
+            flashbay::learn::run(&config, write, &prefix, stop).await.map(drop)
+        }),
         Command::UdevRules { config } => {
             print!("{}", flashbay::udev_rules::generate(&Config::load(&config)?));
+            Ok(())
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;
@@ -188,11 +189,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             println!("{}: ok", config.file.display());
             print!("{}", config.describe());
+            Ok(())
         }
         Command::Write { image, target, no_verify, force, expand, resize, eject, io, json } => {
-            let mut image = Image::open(&image)?;
-            let cancel = interruptible()?;
-            let progress = Progress::auto(io.quiet);
             let opts = Options {
                 verify: !no_verify,
                 force,
@@ -202,62 +201,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eject,
                 ..Options::default()
             };
-            let result = pipeline::flash(&mut image, &target, &opts, &Guard::default(), &progress, &cancel);
-            progress.finish();
-            let report = result?;
-            if !io.quiet {
-                let write = report.seconds(Stage::Write).unwrap_or_default();
-                let verified = match (report.seconds(Stage::Verify), &report.sha256) {
-                    (Some(s), Some(sha)) => format!(", verified in {s:.1} s\nsha256 {sha}"),
-                    _ => ", not verified".to_owned(),
-                };
-                eprintln!(
-                    "wrote {} ({}) to {} in {write:.1} s ({}){verified}",
-                    Bytes(report.raw_size),
-                    report.format,
-                    report.target.display(),
-                    Rate(report.raw_size as f64 / write.max(1e-9)),
-                );
-                for s in report.stages.iter().filter(|s| !matches!(s.stage, Stage::Write | Stage::Verify)) {
-                    let result = if s.result == StageResult::Skipped { "skipped: " } else { "" };
-                    eprintln!("{}: {result}{}", s.stage.name(), s.detail);
-                }
-            }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            }
+            write(&image, &target, &opts, io.quiet, json)
         }
         Command::Verify { image, target, io } => {
             let mut image = Image::open(&image)?;
-            let cancel = interruptible()?;
-            let progress = Progress::auto(io.quiet);
+            let (cancel, progress) = (interruptible()?, Progress::auto(io.quiet));
             let result = pipeline::verify_only(&mut image, &target, io.chunk_size, &progress, &cancel);
             progress.finish();
             let sha256 = result?;
             if !io.quiet {
                 eprintln!("{} matches {}\nsha256 {sha256}", target.display(), image.path.display());
             }
+            Ok(())
         }
         Command::Image { command: ImageCommand::Inspect { image, json } } => {
             let image = Image::open(&image)?;
             let measured = image.measure()?;
             if json {
-                let doc = serde_json::json!({
-                    "path": image.path,
-                    "format": image.format,
-                    "compressed_size": image.compressed_size,
-                    "raw_size": measured.raw_size,
-                    "sha256": measured.sha256,
-                });
-                println!("{}", serde_json::to_string_pretty(&doc)?);
+                println!("{}", serde_json::to_string_pretty(&flashbay::progress::inspect_json(&image, &measured))?);
             } else {
-                println!("image:      {}", image.path.display());
-                println!("format:     {}", image.format);
-                println!("compressed: {} ({} bytes)", Bytes(image.compressed_size), image.compressed_size);
-                println!("raw:        {} ({} bytes)", Bytes(measured.raw_size), measured.raw_size);
-                println!("sha256:     {}", measured.sha256);
+                print!("{}", flashbay::progress::inspect_text(&image, &measured));
             }
+            Ok(())
         }
+    }
+}
+
+/// Runs an async command to completion; a job stuck in the kernel on a
+/// dead device must not keep the process alive afterwards.
+fn block_on(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let result = runtime.block_on(future);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
+}
+
+fn write(image: &Path, target: &Path, opts: &Options, quiet: bool, json: bool) -> anyhow::Result<()> {
+    let mut image = Image::open(image)?;
+    let (cancel, progress) = (interruptible()?, Progress::auto(quiet));
+    let result = pipeline::flash(&mut image, target, opts, &Guard::default(), &progress, &cancel);
+    progress.finish();
+    let report = result?;
+    if !quiet {
+        eprint!("{}", flashbay::progress::summary(&report));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    }
+    Ok(())
+}
+
+fn status(url: Option<&str>, config: &Path, json: bool) -> anyhow::Result<()> {
+    let (doc, source) = flashbay::status::fetch(url, config)?;
+    if let flashbay::status::Source::File { path, reason } = &source {
+        eprintln!("warning: daemon not reachable ({reason}); showing {}", path.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        print!("{}", flashbay::status::table(&doc));
     }
     Ok(())
 }

@@ -1,11 +1,14 @@
-//! Progress for a human on stderr: a redrawn bar on a terminal, a plain
-//! line every few seconds otherwise (logs, pipes, CI).
+//! Output for a human: progress on stderr (a redrawn bar on a terminal, a
+//! plain line every few seconds otherwise: logs, pipes, CI), and the
+//! summaries the one-shot commands print.
 
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::pipeline::{Observer, Stage};
+use crate::image::{Image, Measured};
+use crate::pipeline::{Observer, Report, Stage, StageResult};
 use crate::units::{Bytes, Clock, Rate};
 
 const BAR_INTERVAL: Duration = Duration::from_millis(200);
@@ -109,4 +112,50 @@ impl Observer for Progress {
         }
         let _ = err.flush();
     }
+}
+
+/// What `flashbay write` prints when it is done.
+pub fn summary(report: &Report) -> String {
+    let write = report.seconds(Stage::Write).unwrap_or_default();
+    let verified = match (report.seconds(Stage::Verify), &report.sha256) {
+        (Some(s), Some(sha)) => format!(", verified in {s:.1} s\nsha256 {sha}"),
+        _ => ", not verified".to_owned(),
+    };
+    let mut out = format!(
+        "wrote {} ({}) to {} in {write:.1} s ({}){verified}\n",
+        Bytes(report.raw_size),
+        report.format,
+        report.target.display(),
+        Rate(report.raw_size as f64 / write.max(1e-9)),
+    );
+    for s in report.stages.iter().filter(|s| !matches!(s.stage, Stage::Write | Stage::Verify)) {
+        let skipped = if s.result == StageResult::Skipped { "skipped: " } else { "" };
+        let _ = writeln!(out, "{}: {skipped}{}", s.stage.name(), s.detail);
+    }
+    out
+}
+
+/// `flashbay image inspect`, for a human.
+pub fn inspect_text(image: &Image, measured: &Measured) -> String {
+    format!(
+        "image:      {}\nformat:     {}\ncompressed: {} ({} bytes)\nraw:        {} ({} bytes)\nsha256:     {}\n",
+        image.path.display(),
+        image.format,
+        Bytes(image.compressed_size),
+        image.compressed_size,
+        Bytes(measured.raw_size),
+        measured.raw_size,
+        measured.sha256
+    )
+}
+
+/// `flashbay image inspect --json`.
+pub fn inspect_json(image: &Image, measured: &Measured) -> serde_json::Value {
+    serde_json::json!({
+        "path": image.path,
+        "format": image.format,
+        "compressed_size": image.compressed_size,
+        "raw_size": measured.raw_size,
+        "sha256": measured.sha256,
+    })
 }

@@ -114,3 +114,77 @@ fn udev_rules_mark_slot_devices_and_nothing_else() {
         assert!(!p.contains("UDISKS_IGNORE") && !p.contains("FLASHBAY_SLOT"), "{dev} is not a slot:\n{p}");
     }
 }
+
+/// `flashbay learn --write`: each new port gets the next name, a known
+/// port and a re-inserted card add nothing, Ctrl-C ends it, and the slots
+/// land in the config file with its comments and layout intact.
+#[test]
+fn learn_names_new_ports_and_writes_them_into_the_config() {
+    use std::io::BufRead;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let (known, r1, r2) = (Reader::new(), Reader::new(), Reader::new());
+    let image = bed.random_image("img", MIB, 62);
+    let config = bed.path("station.yaml");
+    let original = format!(
+        "# my station\nimage: {}\nslots:\n  - name: A1\n    port: {}   # by the door\n\nhttp: {{listen: 127.0.0.1:0}}\n",
+        image.display(),
+        port(&known)
+    );
+    fs::write(&config, &original).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flashbay"))
+        .args(["learn", "--write", "--config", config.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = |pipe: Box<dyn std::io::Read + Send>| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        rx
+    };
+    let (out, err) = (lines(Box::new(child.stdout.take().unwrap())), lines(Box::new(child.stderr.take().unwrap())));
+    let expect = |rx: &mpsc::Receiver<String>, what: &str| -> String {
+        let start = Instant::now();
+        loop {
+            let left =
+                Duration::from_secs(15).checked_sub(start.elapsed()).unwrap_or_else(|| panic!("no line with {what:?}"));
+            let line = rx.recv_timeout(left).unwrap_or_else(|_| panic!("no line with {what:?}"));
+            if line.contains(what) {
+                return line;
+            }
+        }
+    };
+    expect(&err, "insert a card into each port in turn");
+    let cards: Vec<_> = (0..3).map(|i| bed.card(&format!("c{i}"), 8 * MIB)).collect();
+    let _k = known.insert(&cards[0]);
+    expect(&err, &format!("{}: already slot A1", port(&known)));
+    let first = r1.insert(&cards[1]);
+    assert!(expect(&out, "A2").starts_with(&format!("A2  {}  (", port(&r1))));
+    drop(first);
+    let _again = r1.insert(&cards[1]);
+    expect(&err, &format!("{}: already slot A2", port(&r1)));
+    let _c = r2.insert(&cards[2]);
+    assert!(expect(&out, "A3").starts_with(&format!("A3  {}  (", port(&r2))));
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    let written = fs::read_to_string(&config).unwrap();
+    assert_eq!(
+        written,
+        original.replace(
+            "# by the door\n",
+            &format!("# by the door\n  - name: A2\n    port: {}\n  - name: A3\n    port: {}\n", port(&r1), port(&r2))
+        )
+    );
+    let check = bed.flashbay(&["check", "--config", config.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+}
