@@ -27,6 +27,7 @@
 pub mod blockdev;
 pub mod config;
 pub mod daemon;
+pub mod demo;
 pub mod guard;
 pub mod image;
 pub mod learn;

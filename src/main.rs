@@ -40,6 +40,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A whole station on this machine: emulated 4-port hub, real daemon, status page (root)
+    Demo {
+        /// Status page address (another free port if this one is taken)
+        #[arg(long, default_value = "127.0.0.1:8088")]
+        listen: String,
+        /// Card speed in MiB/s, so the page is worth watching (0: full speed)
+        #[arg(long, default_value_t = 8)]
+        speed: u64,
+        /// Keep the station running after the summary, until Ctrl-C
+        #[arg(long)]
+        stay: bool,
+    },
     /// Learn the ports: insert a card into each port in turn, Ctrl-C when done
     Learn {
         #[arg(long, short, default_value = flashbay::config::DEFAULT_PATH)]
@@ -178,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             flashbay::learn::run(&config, write, &prefix, stop).await.map(drop)
         }),
+        Command::Demo { listen, speed, stay } => flashbay::demo::run(&flashbay::demo::Options { listen, speed, stay }),
         Command::UdevRules { config } => {
             print!("{}", flashbay::udev_rules::generate(&Config::load(&config)?));
             Ok(())
