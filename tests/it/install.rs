@@ -188,3 +188,36 @@ fn learn_names_new_ports_and_writes_them_into_the_config() {
     let check = bed.flashbay(&["check", "--config", config.to_str().unwrap()]);
     assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
 }
+
+/// `flashbay demo`, the README's first command, runs a station to the end
+/// and leaves no loop device, udev rule or file behind.
+#[test]
+fn demo_station_runs_and_leaves_nothing_behind() {
+    let _bed = bed!(udev);
+    let loops_before = run("losetup", &["-a"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_flashbay"))
+        .args(["demo", "--speed", "0", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let table: Vec<&str> = stdout.lines().filter(|l| l.starts_with('H')).collect();
+    for (slot, state) in [("H1", "done"), ("H2", "done"), ("H3", "refused"), ("H4", "done")] {
+        assert!(table.iter().any(|l| l.starts_with(&format!("{slot}    {state}"))), "{slot} not {state}:\n{stdout}");
+    }
+    assert!(stdout.contains("H1 expand: done partition 2 grown from 28.0 MiB to"), "{stdout}");
+    assert!(stdout.ends_with("done: loop devices, udev rule and files removed\n"), "{stdout}");
+    assert_eq!(run("losetup", &["-a"]), loops_before);
+    let leftovers: Vec<_> = fs::read_dir("/run/udev/rules.d")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("demo"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let scratch: Vec<_> = fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("flashbay-demo-"))
+        .collect();
+    assert!(scratch.is_empty(), "{scratch:?}");
+}
