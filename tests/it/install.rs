@@ -221,3 +221,16 @@ fn demo_station_runs_and_leaves_nothing_behind() {
         .collect();
     assert!(scratch.is_empty(), "{scratch:?}");
 }
+
+/// udev-rules/90-flashbay.rules is what the generator makes for the
+/// example configuration (only the source path in its first line differs).
+#[test]
+fn shipped_udev_rules_match_the_generator() {
+    let bed = bed!();
+    let out = bed.flashbay(&["udev-rules", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/etc/flashbay.yaml")]);
+    assert!(out.status.success());
+    let generated = String::from_utf8_lossy(&out.stdout);
+    let shipped = include_str!("../../udev-rules/90-flashbay.rules");
+    let body = |s: &str| s.lines().skip(1).collect::<Vec<_>>().join("\n");
+    assert_eq!(body(shipped), body(&generated), "regenerate udev-rules/90-flashbay.rules");
+}
