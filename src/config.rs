@@ -24,6 +24,8 @@ use crate::report::leds::{LedConfig, Pattern, Role};
 use crate::station::status::SlotState;
 
 pub const DEFAULT_PATH: &str = "/etc/flashbay/flashbay.yaml";
+/// More writers than any hub has ports; also keeps the semaphore in range.
+const MAX_CONCURRENCY: u64 = 1024;
 /// Local only unless the operator opens it up: the page shows card serials.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8088";
 
@@ -295,6 +297,8 @@ impl Validator<'_> {
         let concurrency = raw.concurrency.unwrap_or(2);
         if concurrency == 0 {
             self.error("concurrency", "concurrency must be at least 1".into());
+        } else if concurrency > MAX_CONCURRENCY {
+            self.error("concurrency", format!("concurrency must be at most {MAX_CONCURRENCY}"));
         }
         let eject = match raw.eject.as_deref().map(|s| (s, EjectMode::parse(s))) {
             None => EjectMode::Sync,

@@ -16,30 +16,34 @@ const DRAIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Tasks {
-    set: JoinSet<(&'static str, anyhow::Result<()>)>,
+    set: JoinSet<anyhow::Result<()>>,
+    /// Task names by id, to name a task that panicked.
+    names: std::collections::HashMap<tokio::task::Id, &'static str>,
     shutdown: CancellationToken,
 }
 
 impl Tasks {
     pub fn new(shutdown: CancellationToken) -> Self {
-        Self { set: JoinSet::new(), shutdown }
+        Self { set: JoinSet::new(), names: std::collections::HashMap::new(), shutdown }
     }
 
     pub fn spawn<F>(&mut self, name: &'static str, task: F)
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        self.set.spawn(async move { (name, task.await) });
+        let id = self.set.spawn(task).id();
+        self.names.insert(id, name);
     }
 
     /// Waits for shutdown (or the first unexpected end), then for the rest.
     pub async fn supervise(mut self) -> anyhow::Result<()> {
         let mut failure: Option<anyhow::Error> = None;
-        while let Some(joined) = self.set.join_next().await {
-            let (name, result) = match joined {
-                Ok(done) => done,
-                Err(e) => ("?", Err(anyhow::anyhow!("task panicked: {e}"))),
+        while let Some(joined) = self.set.join_next_with_id().await {
+            let (id, result) = match joined {
+                Ok((id, result)) => (id, result),
+                Err(e) => (e.id(), Err(anyhow::anyhow!("task panicked: {e}"))),
             };
+            let name = self.names.get(&id).copied().unwrap_or("?");
             match result {
                 Err(e) if failure.is_none() => {
                     tracing::error!("task {name} failed: {e:#}");

@@ -267,9 +267,11 @@ impl XzDecoder {
                 self.input.consume(zeros);
                 continue;
             }
-            // The whole magic may straddle a buffer refill; 1 MiB buffers make
-            // that rare, and `fill_buf` only returns a short slice at EOF.
-            if input.starts_with(XZ_MAGIC) {
+            // The magic may straddle the end of the buffer (fill_buf returns
+            // what is left before refilling): a matching prefix starts the
+            // next stream too, and liblzma checks the rest of its header.
+            let n = input.len().min(XZ_MAGIC.len());
+            if input[..n] == XZ_MAGIC[..n] {
                 self.stream = new_xz_stream().map_err(Failure::Xz)?;
                 self.between_streams = false;
                 return Ok(true);

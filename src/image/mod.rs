@@ -41,9 +41,15 @@ pub enum ImageError {
     Read { path: PathBuf, offset: u64, source: std::io::Error },
     #[error("{}: image changed size while being read", path.display())]
     Changed { path: PathBuf },
+    #[error("{}: the image holds {found} bytes, not the {expected} it was sized at (changed since?)", path.display())]
+    SizeChanged { path: PathBuf, expected: u64, found: u64 },
 }
 
 /// An image file, classified and sized but not yet read.
+///
+/// It keeps the file open: every reader reads this very file, so a job
+/// keeps writing and verifying the version it started with even if the
+/// image is replaced (renamed over) or deleted meanwhile.
 #[derive(Debug, Clone, Serialize)]
 pub struct Image {
     pub path: PathBuf,
@@ -53,6 +59,8 @@ pub struct Image {
     /// Raw size from the format's index; `None` until measured for gzip and
     /// for zstd written without a content size.
     pub raw_size: Option<u64>,
+    #[serde(skip)]
+    file: std::sync::Arc<File>,
 }
 
 /// The result of one full pass over an image.
@@ -79,17 +87,21 @@ impl Image {
             format::Detected::Supported(format) => format,
             format::Detected::Unsupported(hint) => return Err(ImageError::Unsupported { path: path.to_owned(), hint }),
         };
-        let raw_size = size::from_index(path, &file, format, len)?;
+        let raw_size = size::from_index(&file, format, len);
         if raw_size == Some(0) {
             return Err(ImageError::Empty { path: path.to_owned() });
         }
-        Ok(Self { path: path.to_owned(), format, compressed_size: len, raw_size })
+        Ok(Self { path: path.to_owned(), format, compressed_size: len, raw_size, file: std::sync::Arc::new(file) })
     }
 
-    /// A fresh stream of the raw bytes, from the start.
+    /// A fresh stream of the raw bytes, from the start. Reopening the open
+    /// file through /proc gives the reader its own file offset.
     pub fn reader(&self) -> Result<ImageReader, ImageError> {
-        let (file, len) = open_file(&self.path)?;
-        if self.format == Format::Raw && len != self.compressed_size {
+        use std::os::fd::AsRawFd;
+        let reopen = Path::new("/proc/self/fd").join(self.file.as_raw_fd().to_string());
+        let file = File::open(&reopen).map_err(|source| ImageError::Open { path: self.path.clone(), source })?;
+        let len = file.metadata().map_err(|source| ImageError::Open { path: self.path.clone(), source })?.len();
+        if len != self.compressed_size {
             return Err(ImageError::Changed { path: self.path.clone() });
         }
         ImageReader::new(&self.path, file, self.format, len, self.raw_size)
@@ -152,4 +164,40 @@ pub fn hex(bytes: &[u8]) -> String {
         let _ = write!(s, "{b:02x}");
         s
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    /// A second xz stream whose magic straddles the reader's 1 MiB input
+    /// buffer: the decoder must not take it for trailing garbage.
+    #[test]
+    fn concatenated_xz_with_magic_across_the_buffer_edge() {
+        let boundary = 1usize << 20;
+        let noise =
+            |n: usize| -> Vec<u8> { (0..n).map(|i| (i.wrapping_mul(2_654_435_761) >> 16).to_le_bytes()[0]).collect() };
+        let xz = |data: &[u8]| {
+            let mut out = Vec::new();
+            liblzma::read::XzEncoder::new(data, 0).read_to_end(&mut out).unwrap();
+            out
+        };
+        // Streams and their padding come in multiples of 4 bytes, so the
+        // next magic can start 4 bytes before the edge: 4 bytes on this
+        // side, 2 on the other.
+        let size = 100_000;
+        let first = xz(&noise(size));
+        assert!(first.len() < boundary - 4);
+        let second_raw = noise(5_000);
+        let mut file = first;
+        file.resize(boundary - 4, 0); // stream padding
+        file.extend(xz(&second_raw));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cat.xz");
+        std::fs::write(&path, &file).unwrap();
+        let measured = Image::open(&path).unwrap().measure().unwrap();
+        assert_eq!(measured.raw_size, (size + second_raw.len()) as u64);
+    }
 }

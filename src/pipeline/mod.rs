@@ -246,10 +246,20 @@ pub fn flash(
         })?;
         if opts.verify {
             let mut sha = None;
-            stages.run(Stage::Verify, || {
+            let verified = stages.run(Stage::Verify, || {
                 sha = verify::run(image, target, raw_size, opts.chunk_size, opts.hash, observer, cancel)?;
                 Ok(Outcome::done("the card matches the image"))
-            })?;
+            });
+            if let Err(e) = verified {
+                // Not verified (mismatch, interrupted, I/O error): take the
+                // partition table away again, best effort.
+                if target.kind() == crate::blockdev::Kind::BlockDevice
+                    && let Err(blank) = write::unmake_bootable(target)
+                {
+                    tracing::warn!("cannot blank the partition table after a failed verification: {blank}");
+                }
+                return Err(e);
+            }
             sha
         } else {
             None

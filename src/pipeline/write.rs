@@ -27,6 +27,11 @@ pub(super) fn run(
     cancel: &Cancel,
 ) -> Result<(), JobError> {
     blank_ends(target)?;
+    // The blank ends must be on the medium before any of the new body is:
+    // with a volatile cache, a pull could otherwise keep body writes and
+    // lose the blanking, leaving the old table over new data.
+    target.sync()?;
+    let diskseq = target.diskseq();
 
     let mut head = AlignedBuf::new(HEAD);
     let head_len = usize::try_from(raw_size).map_or(HEAD, |n| n.min(HEAD));
@@ -34,16 +39,16 @@ pub(super) fn run(
     while let Some(chunk) = chunks.next_chunk() {
         let mut chunk = chunk?;
         cancel.check(target)?;
+        // A swapped card must not get the rest of someone else's image.
+        if let (Some(expected), Some(found)) = (diskseq, target.diskseq())
+            && expected != found
+        {
+            return Err(JobError::MediaChanged { device: target.path().to_owned(), expected, found });
+        }
         let end = chunk.offset + chunk.len as u64;
         // The size index decided the guard's verdict; never write past it.
         if end > raw_size {
-            return Err(ImageError::Corrupt {
-                path: image.path.clone(),
-                format: image.format,
-                offset: 0,
-                detail: format!("stream is longer than the {raw_size} bytes its index says"),
-            }
-            .into());
+            return Err(ImageError::SizeChanged { path: image.path.clone(), expected: raw_size, found: end }.into());
         }
         let mut body_start = 0;
         if let Ok(start) = usize::try_from(chunk.offset)
@@ -61,13 +66,7 @@ pub(super) fn run(
         chunks.recycle(chunk.buf);
     }
     if written != raw_size {
-        return Err(ImageError::Corrupt {
-            path: image.path.clone(),
-            format: image.format,
-            offset: 0,
-            detail: format!("stream ended after {written} of {raw_size} bytes"),
-        }
-        .into());
+        return Err(ImageError::SizeChanged { path: image.path.clone(), expected: raw_size, found: written }.into());
     }
     target.sync()?;
     cancel.check(target)?;
@@ -78,6 +77,16 @@ pub(super) fn run(
 }
 
 /// Zeroes the first and last MiB of a device (only the first of a file).
+/// Zeroes the first MiB (the partition table) after a failed verification,
+/// so a card that does not hold the image does not look like it does.
+pub(super) fn unmake_bootable(target: &Target) -> Result<(), JobError> {
+    let zero = AlignedBuf::new(HEAD);
+    let head = usize::try_from(target.size().min(HEAD as u64)).unwrap_or(HEAD);
+    target.write_at(&zero[..head.max(target.block_size())], 0)?;
+    target.sync()?;
+    Ok(())
+}
+
 fn blank_ends(target: &Target) -> Result<(), JobError> {
     let zero = AlignedBuf::new(HEAD);
     let size = target.size();

@@ -136,6 +136,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut setup = open(&config.borrow_and_update().leds);
     let mut shown: HashMap<(String, Role), Pattern> = HashMap::new();
+    // The configuration stops changing when the daemon stops; without this
+    // the closed channel would be ready on every turn of the loop.
+    let mut config_open = true;
     loop {
         let snapshot = Arc::clone(&snapshots.borrow_and_update());
         for (slot, role, led) in &setup.leds {
@@ -150,8 +153,9 @@ pub async fn run(
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return Ok(()) },
-            changed = config.changed() => {
-                if changed.is_ok() && config.borrow().leds != setup.config {
+            changed = config.changed(), if config_open => {
+                config_open = changed.is_ok();
+                if config_open && config.borrow().leds != setup.config {
                     setup = open(&config.borrow_and_update().leds);
                     shown.clear();
                 }

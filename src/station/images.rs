@@ -79,6 +79,13 @@ impl ImageStore {
         }
     }
 
+    /// Forgets every prepared or failed image (not those being prepared),
+    /// so a reload looks at the files again: an image replaced under the
+    /// same name is prepared anew, an unchanged one is found in the cache.
+    pub(super) fn forget_finished(&mut self) {
+        self.states.retain(|_, s| matches!(s, ImageState::Preparing));
+    }
+
     /// Forgets images no longer configured.
     pub(super) fn retain(&mut self, paths: &[&Path]) {
         self.states.retain(|p, _| paths.contains(&p.as_path()));

@@ -254,7 +254,9 @@ pub struct Station {
     permits: Arc<Semaphore>,
     images: images::ImageStore,
     /// Jobs whose card was replaced: they finish on their own, unowned.
-    orphans: HashMap<u64, String>,
+    /// Jobs whose card was replaced, by id: (slot name, device). They end
+    /// on their own; a new job on the same device waits for them.
+    orphans: HashMap<u64, (String, PathBuf)>,
     tx: mpsc::Sender<Msg>,
     rx: mpsc::Receiver<Msg>,
     rescan: mpsc::Sender<crate::udev::Request>,
@@ -408,7 +410,8 @@ impl Station {
             self.queue.retain(|&id| id != old.id);
             if old.running {
                 old.cancel.cancel();
-                self.orphans.insert(old.id, slot.config.name.clone());
+                let devnode = slot.card.as_ref().map(|c| c.devnode.clone()).unwrap_or_default();
+                self.orphans.insert(old.id, (slot.config.name.clone(), devnode));
             }
         }
         slot.card = Some(card);
@@ -512,7 +515,7 @@ impl Station {
     }
 
     fn on_finished(&mut self, id: u64, result: &Result<Report, JobError>) {
-        if let Some(slot) = self.orphans.remove(&id) {
+        if let Some((slot, _)) = self.orphans.remove(&id) {
             tracing::info!(slot = %slot, "job for a replaced card ended: {}", outcome(result));
             self.schedule();
             return;
@@ -603,6 +606,15 @@ impl Station {
                     // Let the next card retry, in case the image was fixed.
                     self.images.forget_failed(&image);
                     self.slot_changed(s);
+                }
+                // The job for the card this one replaced still holds the device.
+                Some(images::ImageState::Ready(_))
+                    if self.slots[s]
+                        .card
+                        .as_ref()
+                        .is_some_and(|c| self.orphans.values().any(|(_, d)| *d == c.devnode)) =>
+                {
+                    i += 1;
                 }
                 Some(images::ImageState::Ready(prepared)) => {
                     let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else { break };
@@ -695,6 +707,7 @@ impl Station {
         }
         self.config = config;
         let images = self.config.images();
+        self.images.forget_finished();
         self.images.retain(&images);
         let cache = self.config.cache_dir.clone();
         let keep: Vec<PathBuf> = images.iter().map(|p| p.to_path_buf()).collect();
