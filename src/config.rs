@@ -217,11 +217,6 @@ impl Config {
         }
     }
 
-    /// The slot whose port is `id_path`, if any.
-    pub fn slot_for_port(&self, id_path: &str) -> Option<&SlotConfig> {
-        self.slots.iter().find(|s| s.port == id_path)
-    }
-
     /// The distinct images the slots use, in slot order.
     pub fn images(&self) -> Vec<&Path> {
         let mut images: Vec<&Path> = Vec::new();

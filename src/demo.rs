@@ -71,9 +71,16 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
         File::create(&backing)?.set_len(size * MIB)?;
         readers.insert(i, &backing)?;
         println!("  {name}: inserted a {size} MiB card");
-        let until = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < until {
-            follow(&url, &mut shown)?;
+        let (seen_by, at_least) = (Instant::now() + Duration::from_secs(30), Instant::now() + Duration::from_secs(2));
+        loop {
+            let doc = follow(&url, &mut shown)?;
+            let seen = doc["slots"][i]["state"] != "empty";
+            if seen && Instant::now() > at_least {
+                break;
+            }
+            if !seen && Instant::now() > seen_by {
+                bail!("the station did not see the card in {name} within 30 s: is systemd-udevd handling events?");
+            }
             std::thread::sleep(Duration::from_millis(250));
         }
     }
@@ -101,7 +108,7 @@ fn start(demo: &mut Demo, opts: &Options, stop: &dyn Fn() -> anyhow::Result<()>)
     let readers = Readers::create(CARDS.len())?;
     let ports: Vec<String> =
         (1..=CARDS.len()).map(|i| format!("platform-demo-hub-usb-0:1.{i}:1.0-scsi-0:0:0:0")).collect();
-    demo.rule = Some(Rule::install(&readers.numbers, &ports)?);
+    demo.rule = Some(Rule::install(&readers.numbers, &ports, &dir)?);
     let numbers = readers.numbers.clone();
     demo.readers = Some(readers);
     stop()?;
@@ -336,12 +343,15 @@ impl Drop for Udevd {
 struct Rule(PathBuf);
 
 impl Rule {
-    fn install(numbers: &[u32], ports: &[String]) -> anyhow::Result<Self> {
-        let path = PathBuf::from(format!("/run/udev/rules.d/61-flashbay-demo-{}.rules", std::process::id()));
+    /// Only while a card file of ours is attached is the device a port: a
+    /// stranger's `losetup -f` landing on one of our readers gets nothing.
+    fn install(numbers: &[u32], ports: &[String], dir: &Path) -> anyhow::Result<Self> {
+        let path = PathBuf::from(format!("/run/udev/rules.d/62-flashbay-demo-{}.rules", std::process::id()));
         let mut text =
             String::from("# flashbay demo: loop devices as the ports of a card reader hub (removed on exit)\n");
         for (n, port) in numbers.iter().zip(ports) {
-            let _ = writeln!(text, "SUBSYSTEM==\"block\", KERNEL==\"loop{n}\", ENV{{ID_PATH}}=\"{port}\"");
+            let ours = format!("ATTR{{loop/backing_file}}==\"{}/*\"", dir.display());
+            let _ = writeln!(text, "SUBSYSTEM==\"block\", KERNEL==\"loop{n}\", {ours}, ENV{{ID_PATH}}=\"{port}\"");
             let _ = writeln!(text, "SUBSYSTEM==\"block\", KERNEL==\"loop{n}p[0-9]*\", IMPORT{{parent}}=\"ID_PATH\"");
         }
         fs::create_dir_all("/run/udev/rules.d")?;

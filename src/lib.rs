@@ -7,22 +7,41 @@
 //! last partition and filesystem, eject. The same job is available one-shot
 //! as `flashbay write`.
 //!
-//! How the pieces fit:
+//! How the pieces fit (see `flashbay run`, the daemon):
 //!
-//! - [`image`] classifies an image by its magic bytes (raw, xz, gzip,
-//!   zstd), knows its raw size, and streams its raw bytes, turning every
-//!   kind of damage into an error that names the compressed offset.
-//! - [`blockdev`] opens a target (block device or file) for direct,
-//!   exclusive, locked I/O with aligned buffers, and reads sysfs.
-//! - [`guard`] decides whether a target may be written at all: never the
-//!   system disk, nothing mounted or held, no partitions, nothing too small.
-//! - [`pipeline`] is one job: open and guard the target, then write (image
-//!   decoding overlapped with device writes, partition table written last)
-//!   and verify (`O_DIRECT` read-back compared against the image).
-//! - [`progress`] and [`units`] render progress and sizes for humans.
+//! ```text
+//! udev (kernel → systemd-udevd)            config (YAML → validated Config)
+//!   │ udev: DeviceEvent {devnode, ID_PATH, DISKSEQ, size, serial, model}
+//!   ▼
+//! station ─ one state machine per slot (port = ID_PATH), a job per new
+//!   │       DISKSEQ, FIFO queue, concurrency permits, images prepared once
+//!   ▼
+//! pipeline ─ one job on one card: write → verify → expand → resize → eject
+//!   │        (image decodes, blockdev does O_DIRECT I/O, guard says yes first)
+//!   ▼
+//! published state: a snapshot (watch) and an ordered event stream (broadcast)
+//!   ├─ report::journal      tracing → journald fields SLOT, DEVNAME, DISKSEQ, STAGE …
+//!   ├─ report::status_file  atomic JSON
+//!   ├─ report::http         /api/status, /api/events (SSE), /metrics, the page
+//!   ├─ report::leds         Linux LED class
+//!   ├─ report::hooks        operator commands
+//!   └─ report::notify       READY / STATUS / WATCHDOG / RELOADING / STOPPING
+//! ```
 //!
-//! Everything device-facing is synchronous and runs on plain threads; the
-//! daemon drives jobs from its async event loop through `spawn_blocking`.
+//! - [`image`] classifies an image by magic bytes (raw, xz, gzip, zstd),
+//!   knows its raw size and streams its bytes, naming the compressed
+//!   offset of any damage.
+//! - [`blockdev`] opens targets for direct, exclusive, locked I/O with
+//!   aligned buffers; reads sysfs; edits partition tables through
+//!   util-linux; sends SCSI commands.
+//! - [`guard`] decides whether a target may be written at all.
+//! - [`pipeline`] is one job, used alike by `flashbay write` and the daemon.
+//! - [`config`], [`udev`], [`station`], [`report`], [`tasks`] and
+//!   [`daemon`] make the daemon; [`learn`], [`status`], [`udev_rules`] and
+//!   [`demo`] are the other commands.
+//!
+//! Device work is synchronous and runs on plain threads (the daemon uses
+//! tokio's blocking pool); everything else is async on tokio.
 
 pub mod blockdev;
 pub mod config;

@@ -118,10 +118,6 @@ impl ImageReader {
         Ok(Self { path: path.to_owned(), format, decoder, compressed_size, expected, produced: 0, done: false })
     }
 
-    pub fn format(&self) -> Format {
-        self.format
-    }
-
     /// Raw bytes produced so far.
     pub fn position(&self) -> u64 {
         self.produced

@@ -14,7 +14,7 @@
 use std::path::Path;
 
 use super::Outcome;
-use crate::blockdev::partitions::{self, Table};
+use crate::blockdev::partitions;
 use crate::tools::{self, ToolError};
 use crate::units::Bytes;
 
@@ -67,10 +67,7 @@ fn sfdisk(dev: &Path, args: &[&str], input: Option<&str>) -> Result<(), ToolErro
     tools::check("sfdisk", &all, input).map(drop)
 }
 
-/// The partition that ends last, for callers that only need to look.
-pub(super) fn last_partition(dev: &Path) -> Result<Option<(Table, u32)>, ToolError> {
-    Ok(partitions::read(dev)?.and_then(|t| {
-        let n = t.last()?.number()?;
-        Some((t, n))
-    }))
+/// The number of the partition that ends last, for callers that only look.
+pub(super) fn last_partition(dev: &Path) -> Result<Option<u32>, ToolError> {
+    Ok(partitions::read(dev)?.and_then(|t| t.last()?.number()))
 }

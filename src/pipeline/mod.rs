@@ -281,6 +281,9 @@ pub fn flash(
             })?;
         }
         if opts.resize {
+            if cancel.is_cancelled() {
+                return Err(JobError::Cancelled { device });
+            }
             stages.run(Stage::Resize, || {
                 let syspath = dev.and_then(|d| Sysfs::default().block(d).ok()).map(|b| b.syspath);
                 let syspath =

@@ -13,7 +13,7 @@ use crate::tools::{self, ToolError};
 use crate::units::Bytes;
 
 pub(super) fn run(dev: &Path, disk_syspath: &Path) -> Result<Outcome, StageError> {
-    let Some((_, number)) = super::expand::last_partition(dev)? else {
+    let Some(number) = super::expand::last_partition(dev)? else {
         return Ok(Outcome::skipped("no partition table"));
     };
     partitions::update_kernel(dev)?;

@@ -38,14 +38,16 @@ use status::{Event, JobRecord, LogLine, SlotState, SlotStatus, Snapshot, Summary
 use tracing::Level;
 
 use crate::config::{Config, SlotConfig};
-use crate::pipeline::{Cancel, EjectMode, JobError, Report, Stage, StageOutcome, StageResult};
+use crate::pipeline::{Cancel, JobError, Report, Stage, StageOutcome, StageResult};
 use crate::udev::{Action, DeviceEvent};
 
 /// How often running jobs' progress is sampled and published.
 const TICK: Duration = Duration::from_millis(250);
 /// A job that failed on I/O and whose card disappears within this window
 /// was a card pulled mid-job.
-const YANK_WINDOW: Duration = Duration::from_secs(5);
+/// (udev may take a while to report the removal of a device that fails
+/// every I/O, while it probes it.)
+const YANK_WINDOW: Duration = Duration::from_secs(15);
 /// On shutdown, how long running jobs get to stop.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(4);
 
@@ -117,7 +119,7 @@ struct Slot {
     jobs: u64,
     /// When the last job failed on an I/O error: a removal right after
     /// means the card was pulled mid-job.
-    io_failure_at: Option<Instant>,
+    io_failure: Option<(Instant, SlotState)>,
     meter: Meter,
     /// Dropped from the configuration; kept until its running job ends.
     retired: bool,
@@ -168,7 +170,7 @@ impl Slot {
             finished_at: None,
             error: None,
             jobs: 0,
-            io_failure_at: None,
+            io_failure: None,
             meter: Meter::default(),
             retired: false,
             stages: Vec::new(),
@@ -267,6 +269,8 @@ pub struct Station {
     events: broadcast::Sender<Event>,
     heartbeat: Arc<AtomicU64>,
     http: Option<String>,
+    /// Shutting down: nothing new starts.
+    stopping: bool,
 }
 
 impl std::fmt::Debug for Station {
@@ -313,6 +317,7 @@ impl Station {
             events,
             heartbeat: Arc::clone(&heartbeat),
             http,
+            stopping: false,
         };
         (station, Handles { tx, snapshots, events: follow, heartbeat })
     }
@@ -467,12 +472,12 @@ impl Station {
                 (Level::INFO, "done", "ejected card removed".to_owned())
             }
             None if slot.state == SlotState::Failed
-                && slot.io_failure_at.is_some_and(|t| t.elapsed() < YANK_WINDOW) =>
+                && slot.io_failure.is_some_and(|(t, _)| t.elapsed() < YANK_WINDOW) =>
             {
                 // The job already failed on I/O errors: the card was pulled mid-job.
                 let cause = slot.error.take().unwrap_or_default();
-                slot.error = Some(format!("card removed during writing ({cause})"));
-                slot.io_failure_at = None;
+                let during = slot.io_failure.take().map_or(SlotState::Writing, |(_, s)| s);
+                slot.error = Some(format!("card removed during {during} ({cause})"));
                 (Level::WARN, "failed", "card was removed while being written".to_owned())
             }
             None => {
@@ -542,15 +547,17 @@ impl Station {
             }
             (Err(e), _) => {
                 if matches!(e, JobError::Device(d) if d.os_error().is_some()) {
-                    slot.io_failure_at = Some(Instant::now());
+                    slot.io_failure = Some((Instant::now(), during));
                 }
                 (SlotState::Failed, Some(e.to_string()))
             }
         };
         slot.state = state;
         slot.error = error;
-        slot.ejected = matches!(self.config.eject, EjectMode::Eject | EjectMode::PowerOff)
-            && matches!(result, Ok(r) if r.stages.iter().any(|s| s.stage == Stage::Eject && s.result == StageResult::Done));
+        // Only a card the reader really ejected (not one merely synced).
+        slot.ejected = matches!(result, Ok(r) if r.stages.iter().any(|s| {
+            s.stage == Stage::Eject && s.result == StageResult::Done && s.detail.starts_with("ejected")
+        }));
         match state {
             SlotState::Done => self.summary.done += 1,
             SlotState::Refused => self.summary.refused += 1,
@@ -564,7 +571,7 @@ impl Station {
             (_, Some(e)) => self.log(i, Level::ERROR, state.name(), &format!("{state}: {e}")),
             (Err(_), None) => {}
         }
-        self.record_history(i, result);
+        self.record_history(i, result.as_ref().ok());
         let record =
             JobRecord { slot: self.slots[i].config.name.clone(), state, report: result.as_ref().ok().cloned() };
         let _ = self.events.send(Event::Finished(Arc::new(record)));
@@ -576,6 +583,9 @@ impl Station {
     /// permits last. A card whose image is still being prepared keeps its
     /// place; one whose image failed fails with the image's error.
     fn schedule(&mut self) {
+        if self.stopping {
+            return;
+        }
         let mut i = 0;
         while i < self.queue.len() {
             let id = self.queue[i];
@@ -832,6 +842,14 @@ impl Station {
 
     /// Cancels every job and waits (briefly) for them to stop.
     async fn stop_all(&mut self) {
+        self.stopping = true;
+        // Cards still waiting will not be written now.
+        for id in std::mem::take(&mut self.queue) {
+            if let Some(i) = self.slot_of_job(id) {
+                self.slots[i].job = None;
+                self.interrupted(i, "interrupted before it was written");
+            }
+        }
         for slot in &mut self.slots {
             if let Some(job) = slot.job.as_mut().filter(|j| j.running) {
                 job.stop = Some(StopReason::Shutdown);
@@ -853,16 +871,28 @@ impl Station {
         // Jobs stuck in the kernel past the grace period: give up on them.
         for i in 0..self.slots.len() {
             if self.slots[i].job.take().is_some_and(|j| j.running) {
-                self.slots[i].state = SlotState::Failed;
-                self.slots[i].error = Some("interrupted".into());
-                self.log(i, Level::ERROR, "failed", "interrupted (the job did not stop in time)");
-                self.slot_changed(i);
+                self.interrupted(i, "interrupted (the job did not stop in time)");
             }
         }
         self.changed();
     }
 
-    fn record_history(&self, i: usize, result: &Result<Report, JobError>) {
+    /// Ends a slot's card as `failed: interrupted`, with the bookkeeping of
+    /// any finished card (count, history, followers).
+    fn interrupted(&mut self, i: usize, message: &str) {
+        let slot = &mut self.slots[i];
+        slot.state = SlotState::Failed;
+        slot.error = Some("interrupted".into());
+        slot.finished_at = Some(SystemTime::now());
+        self.summary.failed += 1;
+        self.log(i, Level::ERROR, "failed", message);
+        self.record_history(i, None);
+        let record = JobRecord { slot: self.slots[i].config.name.clone(), state: SlotState::Failed, report: None };
+        let _ = self.events.send(Event::Finished(Arc::new(record)));
+        self.slot_changed(i);
+    }
+
+    fn record_history(&self, i: usize, report: Option<&Report>) {
         let slot = &self.slots[i];
         let record = serde_json::json!({
             "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -871,7 +901,7 @@ impl Station {
             "image": slot.config.image,
             "state": slot.state,
             "error": slot.error,
-            "report": result.as_ref().ok(),
+            "report": report,
         });
         let path = self.config.state_dir.join("history.jsonl");
         let write = || -> std::io::Result<()> {
