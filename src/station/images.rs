@@ -150,15 +150,19 @@ fn prepare_inner(source: &Path, cache_dir: &Path) -> Result<Prepared, String> {
         return Ok(known);
     }
 
-    let prepared = if image.format == Format::Raw {
-        let measured = image.measure().map_err(|e| e.to_string())?;
-        Prepared {
+    // Cards read the source itself: measure it where it is.
+    let in_place = || -> Result<Prepared, String> {
+        let m = image.measure().map_err(|e| e.to_string())?;
+        Ok(Prepared {
             source: source.to_owned(),
             format: image.format,
-            raw_size: measured.raw_size,
-            sha256: measured.sha256,
+            raw_size: m.raw_size,
+            sha256: m.sha256,
             raw: source.to_owned(),
-        }
+        })
+    };
+    let prepared = if image.format == Format::Raw {
+        in_place()?
     } else {
         let raw = cache_dir.join(format!("{key}.img"));
         match decompress(&image, &raw) {
@@ -167,15 +171,9 @@ fn prepare_inner(source: &Path, cache_dir: &Path) -> Result<Prepared, String> {
             }
             Err(Unpack::Image(e)) => return Err(e),
             Err(Unpack::Cache(e)) => {
-                tracing::warn!(image = %source.display(), "cannot keep a decompressed copy in {}: {e}; every card will decode the image", cache_dir.display());
-                let measured = image.measure().map_err(|e| e.to_string())?;
-                Prepared {
-                    source: source.to_owned(),
-                    format: image.format,
-                    raw_size: measured.raw_size,
-                    sha256: measured.sha256,
-                    raw: source.to_owned(),
-                }
+                let dir = cache_dir.display();
+                tracing::warn!(image = %source.display(), "cannot keep a decompressed copy in {dir}: {e}; every card will decode the image");
+                in_place()?
             }
         }
     };

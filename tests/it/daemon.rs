@@ -10,17 +10,9 @@ use serde_json::Value;
 
 use crate::bed::{self, MIB, Reader, first_difference};
 use crate::fusecard::FaultyCard;
-use crate::station::{Daemon, Throttle, UdevRule, port, slot_of};
+use crate::station::{Daemon, Throttle, UdevRule, port, slot_of, slots_yaml};
 
 const LONG: Duration = Duration::from_secs(60);
-
-fn slots_yaml(slots: &[(&str, &Reader)]) -> String {
-    let mut yaml = String::from("slots:\n");
-    for (name, reader) in slots {
-        yaml.push_str(&format!("  - {{name: {name}, port: {}}}\n", port(reader)));
-    }
-    yaml
-}
 
 fn states(status: &Value) -> Vec<String> {
     status["slots"]

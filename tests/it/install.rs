@@ -194,7 +194,17 @@ fn learn_names_new_ports_and_writes_them_into_the_config() {
 #[test]
 fn demo_station_runs_and_leaves_nothing_behind() {
     let _bed = bed!(udev);
-    let loops_before = run("losetup", &["-a"]);
+    // The demo's readers are loop devices it creates from 200 up; other
+    // tests attach low-numbered ones meanwhile.
+    let demo_loops = || -> Vec<String> {
+        fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.strip_prefix("loop").and_then(|d| d.parse::<u32>().ok()).is_some_and(|d| d >= 200))
+            .collect()
+    };
+    let before = demo_loops();
     let out = Command::new(env!("CARGO_BIN_EXE_flashbay"))
         .args(["demo", "--speed", "0", "--listen", "127.0.0.1:0"])
         .output()
@@ -207,7 +217,8 @@ fn demo_station_runs_and_leaves_nothing_behind() {
     }
     assert!(stdout.contains("H1 expand: done partition 2 grown from 28.0 MiB to"), "{stdout}");
     assert!(stdout.ends_with("done: loop devices, udev rule and files removed\n"), "{stdout}");
-    assert_eq!(run("losetup", &["-a"]), loops_before);
+    assert_eq!(demo_loops(), before, "loop devices left behind");
+    assert!(!run("losetup", &["-a"]).contains("flashbay-demo-"), "a card file is still attached");
     let leftovers: Vec<_> = fs::read_dir("/run/udev/rules.d")
         .unwrap()
         .flatten()

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::bed::{self, MIB, Reader};
-use crate::station::{Daemon, SseClient, Throttle, UdevRule, http, port, slot_of};
+use crate::station::{Daemon, SseClient, Throttle, UdevRule, http, port, slot_of, slots_yaml};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -80,12 +80,7 @@ fn metrics_parse_and_count_cards_bytes_and_durations() {
     let _rule = UdevRule::install();
     let (ra, rb) = (Reader::new(), Reader::new());
     let image = bed.random_image("img", 6 * MIB, 51);
-    let yaml = format!(
-        "image: {}\nslots:\n  - {{name: A1, port: {}}}\n  - {{name: B1, port: {}}}\n",
-        image.display(),
-        port(&ra),
-        port(&rb)
-    );
+    let yaml = format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &ra), ("B1", &rb)]));
     let d = Daemon::start(&bed, &yaml);
     let (good, small) = (bed.card("good", 16 * MIB), bed.card("small", 4 * MIB));
     let _a = ra.insert(&good);
@@ -474,12 +469,7 @@ fn status_page_renders_live_states_in_chromium() {
     let _rule = UdevRule::install();
     let (ra, rb) = (Reader::new(), Reader::new());
     let image = bed.random_image("img", 24 * MIB, 59);
-    let yaml = format!(
-        "image: {}\nslots:\n  - {{name: A1, port: {}}}\n  - {{name: B1, port: {}}}\n",
-        image.display(),
-        port(&ra),
-        port(&rb)
-    );
+    let yaml = format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &ra), ("B1", &rb)]));
     let d = Daemon::start(&bed, &yaml);
     let _slow = Throttle::new(d.pid(), &[&rb], MIB);
     let (fast, slow) = (bed.card("a", 32 * MIB), bed.card("b", 32 * MIB));

@@ -21,6 +21,15 @@ pub fn port(reader: &Reader) -> String {
     format!("platform-test-usb-0:1.{n}:1.0-scsi-0:0:0:0")
 }
 
+/// `slots:` YAML for (name, reader) pairs.
+pub fn slots_yaml(slots: &[(&str, &Reader)]) -> String {
+    let mut yaml = String::from("slots:\n");
+    for (name, reader) in slots {
+        yaml.push_str(&format!("  - {{name: {name}, port: {}}}\n", port(reader)));
+    }
+    yaml
+}
+
 /// The test udev rule, installed while this lives. Each test installs its
 /// own copy (same content), so concurrent tests never remove another's.
 pub struct UdevRule(PathBuf);
