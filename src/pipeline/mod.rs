@@ -104,11 +104,6 @@ pub trait Observer: Send + Sync {
     fn outcome(&self, _outcome: &StageOutcome) {}
 }
 
-/// An observer that ignores everything.
-#[derive(Debug, Default)]
-pub struct Quiet;
-impl Observer for Quiet {}
-
 /// Asks a running job to stop at its next chunk.
 #[derive(Debug, Clone, Default)]
 pub struct Cancel(Arc<AtomicBool>);

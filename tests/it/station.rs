@@ -277,11 +277,6 @@ impl Drop for Throttle {
     }
 }
 
-/// Whether cgroup v1 blkio throttling is available here.
-pub fn can_throttle() -> bool {
-    Path::new("/sys/fs/cgroup/blkio/blkio.throttle.write_bps_device").exists()
-}
-
 /// An HTTP request that returns any status (no error for 4xx/5xx).
 pub fn http(method: &str, url: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
