@@ -14,13 +14,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::report::metrics::{self, Metrics};
+use crate::report::metrics::Metrics;
 use crate::report::{hooks, http, leds, notify, status_file};
 use crate::station::{Msg, Station};
 use crate::tasks::Tasks;
 
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&config_path)?);
+    require_diskseq(std::path::Path::new("/sys"))?;
     tracing::info!("starting with {} slots, concurrency {}", config.slots.len(), config.concurrency);
     for warning in &config.warnings {
         tracing::warn!("{warning}");
@@ -42,17 +43,22 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
 
     let (devices_tx, devices) = mpsc::channel(256);
     let (rescan_tx, rescan) = mpsc::channel(4);
-    let (station, handles) = Station::new(Arc::clone(&config), rescan_tx, url.clone());
+    // Cards a previous run left mid-job lose their tables before udev is read.
+    let interrupted = crate::station::inflight::leftovers(&config.state_dir);
+    if !interrupted.is_empty() {
+        let jobs = interrupted.clone();
+        tokio::task::spawn_blocking(move || crate::station::inflight::recover(&jobs)).await?;
+    }
+    let (station, handles) = Station::new(Arc::clone(&config), rescan_tx, url.clone(), interrupted);
     // Followers subscribe before the station runs, so they miss nothing.
-    let (hook_events, metric_events) = (handles.events.resubscribe(), handles.events.resubscribe());
+    let hook_events = handles.events.resubscribe();
     tasks.spawn("station", station.run(devices, shutdown.clone()));
     tasks.spawn("status-file", status_file::run(config.status_file.clone(), handles.snapshots.clone()));
     tasks.spawn("notify", notify::run(handles.snapshots.clone(), Arc::clone(&handles.heartbeat), shutdown.clone()));
     tasks.spawn("leds", leds::run(config_rx.clone(), handles.snapshots.clone()));
     tasks.spawn("hooks", hooks::run(config_rx.clone(), hook_events));
     if let (Some(listener), Some(url)) = (listener, &url) {
-        let metrics = Arc::new(Metrics::default());
-        tasks.spawn("metrics", metrics::follow(Arc::clone(&metrics), metric_events));
+        let metrics = Arc::new(Metrics);
         let state = http::Http::new(handles.snapshots.clone(), handles.events, handles.tx.clone(), config_rx, metrics);
         tasks.spawn("http", http::serve(listener, state, shutdown.clone()));
         tracing::info!("status page at {url}");
@@ -90,6 +96,20 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     tasks.supervise().await
 }
 
+/// The station tells one card from the next, and checks the card before
+/// every write that matters, by the kernel's DISKSEQ (Linux 5.15). Without
+/// it a swapped card could get the rest of another card's job: refuse.
+fn require_diskseq(sysfs: &std::path::Path) -> anyhow::Result<()> {
+    let found = std::fs::read_dir(sysfs.join("block"))
+        .is_ok_and(|mut entries| entries.any(|e| e.is_ok_and(|e| e.path().join("diskseq").exists())));
+    anyhow::ensure!(
+        found,
+        "this kernel does not report DISKSEQ ({}/block/*/diskseq is missing): flashbay needs Linux 5.15 or later to tell one card from the next",
+        sysfs.display()
+    );
+    Ok(())
+}
+
 /// SIGHUP: read and validate the configuration again; apply it only if it
 /// is valid. Jobs in flight keep the settings they started with.
 async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>, current: &watch::Sender<Arc<Config>>) {
@@ -118,4 +138,19 @@ async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>, curr
         Err(e) => tracing::error!("reload failed: {e}"),
     }
     notify::ready();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kernel_without_diskseq_is_refused_with_the_reason() {
+        let sys = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(sys.path().join("block/sda")).unwrap();
+        let err = require_diskseq(sys.path()).unwrap_err().to_string();
+        assert!(err.contains("DISKSEQ") && err.contains("5.15"), "{err}");
+        std::fs::write(sys.path().join("block/sda/diskseq"), "3\n").unwrap();
+        require_diskseq(sys.path()).unwrap();
+    }
 }

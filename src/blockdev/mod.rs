@@ -51,6 +51,8 @@ pub enum DeviceError {
     Read { path: PathBuf, offset: u64, source: io::Error },
     #[error("{}: flush to the medium failed: {source}", path.display())]
     Sync { path: PathBuf, source: io::Error },
+    #[error("{}: the card was changed (DISKSEQ {found}, expected {expected})", path.display())]
+    MediaChanged { path: PathBuf, expected: u64, found: u64 },
 }
 
 impl DeviceError {
@@ -83,11 +85,19 @@ pub enum Access {
 }
 
 /// An open block device or regular file.
+///
+/// The BSD lock lives on a descriptor of its own, apart from the one that
+/// does the I/O: [`Target::release_claim`] can then give up the exclusive
+/// claim (which expand and resize need gone) without ever dropping the
+/// lock, so udev and automounters never get the card in between.
 #[derive(Debug)]
 pub struct Target {
     path: PathBuf,
-    /// For a write target the lock is held until the target is dropped.
-    file: Flock<File>,
+    /// The I/O descriptor.
+    file: File,
+    /// Held until the target is dropped: exclusive for writing and
+    /// locking, shared for reading.
+    lock: Flock<File>,
     kind: Kind,
     dev: Option<DevNum>,
     /// Device size; for a regular file, its length when opened.
@@ -113,18 +123,28 @@ impl Target {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Kind::RegularFile,
             Err(e) => return Err(open_err(e)),
         };
-
-        let (file, direct) = open_file(path, kind, access).map_err(|e| match e.raw_os_error() {
+        let classify = |e: io::Error| match e.raw_os_error() {
             Some(libc::EBUSY) => DeviceError::Busy { path: path.to_owned() },
             Some(libc::ENXIO | libc::ENODEV | libc::ENOMEDIUM) => DeviceError::Missing { path: path.to_owned() },
             _ => open_err(e),
-        })?;
-        let file = match access {
-            Access::Write | Access::Lock => lock(file, path)?,
+        };
+
+        // A new output file must exist before the lock's descriptor can open it.
+        if kind == Kind::RegularFile && access == Access::Write {
+            OpenOptions::new().write(true).create(true).truncate(false).open(path).map_err(open_err)?;
+        }
+        // The lock first, then the claim: nothing can slip in between.
+        let locker = OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path).map_err(classify)?;
+        let lock = match access {
+            Access::Write | Access::Lock => lock(locker, path)?,
             // Flock has no "unlocked" state; a shared lock costs nothing and
             // only waits out a writer that holds the exclusive one.
-            Access::Read => Flock::lock(file, FlockArg::LockSharedNonblock)
+            Access::Read => Flock::lock(locker, FlockArg::LockSharedNonblock)
                 .map_err(|(_, _)| DeviceError::Locked { path: path.to_owned() })?,
+        };
+        let (file, direct) = match access {
+            Access::Lock => (lock.try_clone().map_err(open_err)?, false),
+            _ => open_file(path, kind, access).map_err(classify)?,
         };
 
         let ioctl_err = |op, source| DeviceError::Ioctl { path: path.to_owned(), op, source };
@@ -132,14 +152,60 @@ impl Target {
             Kind::BlockDevice => {
                 let meta = file.metadata().map_err(open_err)?;
                 (
-                    ioctl::size(&*file).map_err(|e| ioctl_err("BLKGETSIZE64", e))?,
-                    ioctl::logical_block_size(&*file).map_err(|e| ioctl_err("BLKSSZGET", e))?,
+                    ioctl::size(&file).map_err(|e| ioctl_err("BLKGETSIZE64", e))?,
+                    ioctl::logical_block_size(&file).map_err(|e| ioctl_err("BLKSSZGET", e))?,
                     Some(DevNum::from_rdev(std::os::unix::fs::MetadataExt::rdev(&meta))),
                 )
             }
             Kind::RegularFile => (file.metadata().map_err(open_err)?.len(), 512, None),
         };
-        Ok(Self { path: path.to_owned(), file, kind, dev, size, block_size, direct })
+        Ok(Self { path: path.to_owned(), file, lock, kind, dev, size, block_size, direct })
+    }
+
+    /// Gives up the exclusive claim but keeps the lock: partitions become
+    /// openable for sfdisk, e2fsck and resize2fs, while udev still keeps
+    /// off the card. The target is read-only afterwards, until
+    /// [`Target::writable_again`].
+    pub fn release_claim(&mut self) -> Result<(), DeviceError> {
+        // The claim goes with the old descriptor.
+        self.file = self.lock.try_clone().map_err(|source| DeviceError::Open { path: self.path.clone(), source })?;
+        self.direct = false;
+        Ok(())
+    }
+
+    /// After [`Target::release_claim`]: a direct read-write descriptor
+    /// again, under the same lock (not exclusive: a partition may still be
+    /// in the kernel's hands), to blank a card whose job failed late.
+    pub fn writable_again(&mut self) -> Result<(), DeviceError> {
+        if self.direct {
+            return Ok(());
+        }
+        let (file, direct) = open_file(&self.path, self.kind, Access::Lock)
+            .map_err(|source| DeviceError::Open { path: self.path.clone(), source })?;
+        self.file = file;
+        self.direct = direct;
+        Ok(())
+    }
+
+    /// Fails with [`DeviceError::MediaChanged`] unless the device still
+    /// holds the media `expected` (a DISKSEQ); `None` expects nothing.
+    pub fn ensure_media(&self, expected: Option<u64>) -> Result<(), DeviceError> {
+        match (expected, self.diskseq()) {
+            (Some(expected), Some(found)) if expected != found => {
+                Err(DeviceError::MediaChanged { path: self.path.clone(), expected, found })
+            }
+            (Some(expected), None) if self.kind == Kind::BlockDevice => {
+                Err(DeviceError::MediaChanged { path: self.path.clone(), expected, found: 0 })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A second descriptor for reading on another thread (verification's
+    /// read-ahead); it shares the claim and the lock of this one.
+    pub fn reader(&self) -> Result<TargetReader, DeviceError> {
+        let file = self.file.try_clone().map_err(|source| DeviceError::Open { path: self.path.clone(), source })?;
+        Ok(TargetReader { path: self.path.clone(), file })
     }
 
     pub fn path(&self) -> &Path {
@@ -196,17 +262,7 @@ impl Target {
     /// Reads into `buf` at `offset` until it is full or the target ends;
     /// returns the number of bytes read.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, DeviceError> {
-        let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            match self.file.read_at(&mut buf[done..], at) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(DeviceError::Read { path: self.path.clone(), offset: at, source }),
-            }
-        }
-        Ok(done)
+        read_full(&self.file, &self.path, buf, offset)
     }
 
     /// Makes everything written so far durable on the medium.
@@ -217,7 +273,7 @@ impl Target {
     /// Drops cached pages of the target, so the next reads hit the medium.
     pub fn drop_caches(&self) -> Result<(), DeviceError> {
         match self.kind {
-            Kind::BlockDevice => ioctl::flush_buffers(&*self.file).map_err(|source| DeviceError::Ioctl {
+            Kind::BlockDevice => ioctl::flush_buffers(&self.file).map_err(|source| DeviceError::Ioctl {
                 path: self.path.clone(),
                 op: "BLKFLSBUF",
                 source,
@@ -233,7 +289,7 @@ impl Target {
     /// kernels older than 5.15.
     pub fn diskseq(&self) -> Option<u64> {
         match self.kind {
-            Kind::BlockDevice => ioctl::diskseq(&*self.file).ok(),
+            Kind::BlockDevice => ioctl::diskseq(&self.file).ok(),
             Kind::RegularFile => None,
         }
     }
@@ -251,12 +307,45 @@ impl Target {
     }
 }
 
+/// A reading descriptor of a [`Target`], owned by another thread.
+#[derive(Debug)]
+pub struct TargetReader {
+    path: PathBuf,
+    file: File,
+}
+
+impl TargetReader {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, DeviceError> {
+        read_full(&self.file, &self.path, buf, offset)
+    }
+}
+
+fn read_full(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<usize, DeviceError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        match file.read_at(&mut buf[done..], at) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => return Err(DeviceError::Read { path: path.to_owned(), offset: at, source }),
+        }
+    }
+    Ok(done)
+}
+
 fn open_file(path: &Path, kind: Kind, access: Access) -> io::Result<(File, bool)> {
     let mut opts = OpenOptions::new();
     opts.read(true);
     let mut flags = libc::O_CLOEXEC;
-    if access == Access::Write {
+    if access != Access::Read {
         opts.write(true);
+    }
+    if access == Access::Write {
         match kind {
             // O_EXCL on a block device (without O_CREAT) claims it: the open
             // fails with EBUSY while it or any partition is mounted or claimed.
@@ -265,9 +354,6 @@ fn open_file(path: &Path, kind: Kind, access: Access) -> io::Result<(File, bool)
                 opts.create(true);
             }
         }
-    }
-    if access == Access::Lock {
-        return Ok((opts.custom_flags(flags).open(path)?, false));
     }
     match opts.clone().custom_flags(flags | libc::O_DIRECT).open(path) {
         Ok(file) => Ok((file, true)),

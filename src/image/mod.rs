@@ -7,6 +7,8 @@
 //! one full pass for the raw size and SHA-256, which is what `image inspect`
 //! prints and what the daemon records once per image.
 
+pub mod blocks;
+pub mod chunks;
 mod decode;
 mod format;
 mod size;
@@ -16,12 +18,11 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
+pub use blocks::{BLOCK, BlockDigests};
+pub use chunks::{Chunk, ChunkReader, Digests, Hashes};
 pub use decode::ImageReader;
 pub use format::Format;
-
-use crate::blockdev::AlignedBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -69,6 +70,8 @@ pub struct Measured {
     pub raw_size: u64,
     /// Lowercase hex SHA-256 of the raw (decompressed) bytes.
     pub sha256: String,
+    #[serde(skip)]
+    pub blocks: BlockDigests,
 }
 
 impl Image {
@@ -107,23 +110,36 @@ impl Image {
         ImageReader::new(&self.path, file, self.format, len, self.raw_size)
     }
 
-    /// Decodes the whole image once: raw size and SHA-256. Also proves the
-    /// image is intact, since every integrity check of the format runs.
+    /// Decodes the whole image once: raw size, SHA-256 and block digests.
+    /// Also proves the image is intact, since every integrity check of the
+    /// format runs.
     pub fn measure(&self) -> Result<Measured, ImageError> {
+        self.decode(|_| Ok(()))
+    }
+
+    /// Streams the raw bytes in chunks, decoded on a reader thread; see
+    /// [`chunks`].
+    pub fn chunks(&self, chunk_size: usize, hashes: Hashes) -> Result<ChunkReader<ImageError>, ImageError> {
         let mut reader = self.reader()?;
-        let mut hasher = Sha256::new();
-        let mut buf = AlignedBuf::new(4 << 20);
-        loop {
-            let n = reader.fill(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
+        ChunkReader::spawn("image-reader", move |buf| reader.fill(buf), chunk_size, hashes)
+            .map_err(|source| ImageError::Open { path: self.path.clone(), source })
+    }
+
+    /// One full pass with SHA-256 and block digests, handing each chunk to
+    /// `sink` (preparation writes them into the cache).
+    pub fn decode<E: From<ImageError>>(&self, mut sink: impl FnMut(&Chunk) -> Result<(), E>) -> Result<Measured, E> {
+        let mut chunks = self.chunks(4 << 20, Hashes { sha256: true, blocks: true })?;
+        while let Some(chunk) = chunks.next_chunk() {
+            let chunk = chunk?;
+            sink(&chunk)?;
+            chunks.recycle(chunk.buf);
         }
-        if reader.position() == 0 {
-            return Err(ImageError::Empty { path: self.path.clone() });
+        let digests = chunks.finish().unwrap_or_default();
+        match (digests.sha256, digests.blocks) {
+            (Some(sha256), Some(blocks)) if digests.len > 0 => Ok(Measured { raw_size: digests.len, sha256, blocks }),
+            (Some(_), Some(_)) => Err(ImageError::Empty { path: self.path.clone() }.into()),
+            _ => Err(ImageError::Changed { path: self.path.clone() }.into()),
         }
-        Ok(Measured { raw_size: reader.position(), sha256: hex(&hasher.finalize()) })
     }
 
     /// The raw size, decoding the whole image when its format has no index.

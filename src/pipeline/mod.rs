@@ -8,13 +8,19 @@
 //! progress and stage outcomes go to an [`Observer`] and a [`Cancel`] stops
 //! it between chunks and stages.
 //!
-//! Write and verify hold the device `O_EXCL`. Expand and resize cannot:
-//! an exclusive claim of the whole disk makes every partition unclaimable,
-//! and e2fsck opens its partition exclusively. So after verifying, the
-//! exclusive handle is dropped and a plain one holds the `flock` instead,
-//! which is all udev respects.
+//! One target is held for the whole job, and with it one `flock`: udev and
+//! automounters never get the card between stages. Write and verify also
+//! hold the device `O_EXCL`; expand and resize cannot (an exclusive claim
+//! of the whole disk makes every partition unclaimable, and e2fsck opens
+//! its partition exclusively), so after verifying the claim is released
+//! and the lock kept.
+//!
+//! A card never looks flashed unless it is: from the first byte written,
+//! any failure (mismatch, I/O error, interruption, a failed expand or
+//! resize) ends with both partition tables blanked, and every write that
+//! can make a card look valid (the final table, the blanking) first checks
+//! that the reader still holds the card the job was for (DISKSEQ).
 
-pub mod chunks;
 pub mod eject;
 mod expand;
 mod resize;
@@ -28,9 +34,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::blockdev::{Access, DeviceError, Sysfs, Target};
+use crate::blockdev::{Access, DeviceError, Kind, Sysfs, Target};
 use crate::guard::{Guard, Refusal, Request};
-use crate::image::{Format, Image, ImageError};
+use crate::image::{BlockDigests, Format, Hashes, Image, ImageError};
 
 pub use eject::EjectMode;
 pub use write::HEAD;
@@ -135,12 +141,15 @@ pub enum JobError {
     Device(#[from] DeviceError),
     #[error(transparent)]
     Refused(#[from] Refusal),
-    #[error("{}: verification failed: first difference at byte offset {offset}", device.display())]
+    #[error("{}: card does not match the image at byte {offset}", device.display())]
     Mismatch { device: PathBuf, offset: u64 },
+    #[error(
+        "image {}: the prepared copy does not match the image at byte {offset} (changed or damaged since it was prepared)",
+        image.display()
+    )]
+    ImageChanged { image: PathBuf, offset: u64 },
     #[error("{}: interrupted", device.display())]
     Cancelled { device: PathBuf },
-    #[error("{}: the card was changed (DISKSEQ {found}, expected {expected})", device.display())]
-    MediaChanged { device: PathBuf, expected: u64, found: u64 },
     #[error("{}: {} failed: {message}", device.display(), stage.name())]
     Stage { device: PathBuf, stage: Stage, message: String },
     #[error("internal error: {0}")]
@@ -172,6 +181,9 @@ pub struct Options {
     /// Compute the image's SHA-256 during verification; the daemon already
     /// knows it from preparing the image and skips the CPU cost per card.
     pub hash: bool,
+    /// The image's block digests from preparation. Without them, they are
+    /// computed from the decoded stream while it is written.
+    pub blocks: Option<Arc<BlockDigests>>,
     /// Grow the last partition to the end of the card.
     pub expand: bool,
     /// Grow the last partition's filesystem to fill it.
@@ -187,6 +199,7 @@ impl Default for Options {
             chunk_size: DEFAULT_CHUNK,
             expected_diskseq: None,
             hash: true,
+            blocks: None,
             expand: false,
             resize: false,
             eject: EjectMode::None,
@@ -226,86 +239,132 @@ pub fn flash(
     cancel: &Cancel,
 ) -> Result<Report, JobError> {
     let raw_size = image.raw_size_or_measure()?;
-    let target = open_checked(target, &Request { image: &image.path, image_size: raw_size, force: opts.force }, guard)?;
+    if let Some(blocks) = &opts.blocks
+        && blocks.len != raw_size
+    {
+        let path = image.path.clone();
+        return Err(ImageError::SizeChanged { path, expected: blocks.len, found: raw_size }.into());
+    }
+    let mut target =
+        open_checked(target, &Request { image: &image.path, image_size: raw_size, force: opts.force }, guard)?;
+    target.ensure_media(opts.expected_diskseq)?;
     let diskseq = target.diskseq();
-    check_media(&target, opts.expected_diskseq)?;
+    let stages = Stages { observer, done: Vec::new() };
+    let mut job = Job { image, opts, guard, observer, cancel, raw_size, stages };
+    let mut started = false;
+    match job.stages(&mut target, &mut started) {
+        Ok(sha256) => Ok(Report {
+            image: job.image.path.clone(),
+            format: job.image.format,
+            target: target.path().to_owned(),
+            diskseq,
+            raw_size,
+            sha256,
+            stages: job.stages.done,
+        }),
+        Err(e) => {
+            if started && target.kind() == Kind::BlockDevice {
+                let blanked =
+                    target.writable_again().map_err(JobError::from).and_then(|()| write::blank(&target, diskseq));
+                match blanked {
+                    Ok(()) => tracing::info!(
+                        "{}: partition tables blanked: the card does not hold the image",
+                        target.path().display()
+                    ),
+                    Err(blank) => tracing::warn!("cannot blank the partition tables after the job failed: {blank}"),
+                }
+            }
+            Err(e)
+        }
+    }
+}
 
-    let mut stages = Stages { observer, done: Vec::new() };
-    let device = target.path().to_owned();
-    let sha256 = {
-        let target = &target;
-        stages.run(Stage::Write, || {
-            let mut chunks = chunks::ChunkReader::spawn(image.reader()?, opts.chunk_size, false)?;
-            write::run(&mut chunks, target, image, raw_size, observer, cancel)?;
+/// Takes the partition tables off a card whose job did not finish (after
+/// a restart), if the reader still holds that card (`diskseq`).
+pub fn blank_card(device: &Path, diskseq: Option<u64>) -> Result<(), JobError> {
+    let target = Target::open(device, Access::Write)?;
+    write::blank(&target, diskseq)
+}
+
+/// One job's stages, on one target.
+struct Job<'a> {
+    image: &'a Image,
+    opts: &'a Options,
+    guard: &'a Guard,
+    observer: &'a dyn Observer,
+    cancel: &'a Cancel,
+    raw_size: u64,
+    stages: Stages<'a>,
+}
+
+impl Job<'_> {
+    /// Runs the stages; `started` turns true once the card may have
+    /// changed, so that a failure blanks it.
+    fn stages(&mut self, target: &mut Target, started: &mut bool) -> Result<Option<String>, JobError> {
+        let (opts, observer, cancel, raw_size) = (self.opts, self.observer, self.cancel, self.raw_size);
+        let computed = opts.blocks.is_none();
+        let mut chunks = self.image.chunks(opts.chunk_size, Hashes { sha256: false, blocks: computed })?;
+        let source = write::Source { path: &self.image.path, raw_size, expected: opts.blocks.as_deref() };
+        *started = true;
+        self.stages.run(Stage::Write, || {
+            write::run(&mut chunks, target, &source, observer, cancel)?;
             Ok(Outcome::done(format!("{} written", crate::units::Bytes(raw_size))))
         })?;
-        if opts.verify {
+        let streamed = chunks.finish().and_then(|d| d.blocks);
+        let sha256 = if opts.verify {
+            let blocks = match (&opts.blocks, &streamed) {
+                (Some(b), _) => b.as_ref(),
+                (None, Some(b)) => b,
+                (None, None) => return Err(JobError::Internal("the image reader ended without digests".into())),
+            };
             let mut sha = None;
-            let verified = stages.run(Stage::Verify, || {
-                sha = verify::run(image, target, raw_size, opts.chunk_size, opts.hash, observer, cancel)?;
+            self.stages.run(Stage::Verify, || {
+                let reference = verify::Reference::Blocks(blocks);
+                sha = verify::run(target, reference, raw_size, opts.chunk_size, opts.hash, observer, cancel)?;
                 Ok(Outcome::done("the card matches the image"))
-            });
-            if let Err(e) = verified {
-                // Not verified (mismatch, interrupted, I/O error): take the
-                // partition table away again, best effort.
-                if target.kind() == crate::blockdev::Kind::BlockDevice
-                    && let Err(blank) = write::unmake_bootable(target)
-                {
-                    tracing::warn!("cannot blank the partition table after a failed verification: {blank}");
-                }
-                return Err(e);
-            }
+            })?;
             sha
         } else {
             None
+        };
+        if target.kind() != Kind::BlockDevice {
+            return Ok(sha256);
         }
-    };
-    let dev = target.dev();
-    let is_device = target.kind() == crate::blockdev::Kind::BlockDevice;
-    let device_size = target.size();
-    // From here on: no exclusive claim (see the module docs), only the lock.
-    drop(target);
-
-    if is_device && (opts.expand || opts.resize) {
-        let lock = Target::open(&device, Access::Lock)?;
-        check_media(&lock, opts.expected_diskseq)?;
-        cancel.check(&lock)?;
-        if opts.expand {
-            stages.run(Stage::Expand, || {
-                expand::run(&device, device_size).map_err(|e| stage_error(&device, Stage::Expand, &e))
-            })?;
-        }
-        if opts.resize {
-            if cancel.is_cancelled() {
-                return Err(JobError::Cancelled { device });
+        let device = target.path().to_owned();
+        let expected = target.diskseq();
+        if opts.expand || opts.resize {
+            cancel.check(target)?;
+            target.release_claim()?;
+            if opts.expand {
+                target.ensure_media(expected)?;
+                self.stages.run(Stage::Expand, || {
+                    expand::run(&device, target.size()).map_err(|e| stage_error(&device, Stage::Expand, &e))
+                })?;
             }
-            stages.run(Stage::Resize, || {
-                let syspath = dev.and_then(|d| Sysfs::default().block(d).ok()).map(|b| b.syspath);
-                let syspath =
-                    syspath.ok_or_else(|| stage_error(&device, Stage::Resize, &"the disk is not in sysfs"))?;
-                resize::run(&device, &syspath).map_err(|e| stage_error(&device, Stage::Resize, &e))
+            if opts.resize {
+                cancel.check(target)?;
+                target.ensure_media(expected)?;
+                let dev = target.dev();
+                self.stages.run(Stage::Resize, || {
+                    let syspath = dev.and_then(|d| Sysfs::default().block(d).ok()).map(|b| b.syspath);
+                    let syspath =
+                        syspath.ok_or_else(|| stage_error(&device, Stage::Resize, &"the disk is not in sysfs"))?;
+                    resize::run(&device, &syspath).map_err(|e| stage_error(&device, Stage::Resize, &e))
+                })?;
+            }
+        }
+        if let (Some(dev), false) = (target.dev(), opts.eject == EjectMode::None) {
+            cancel.check(target)?;
+            // From here on the card is complete: an eject that fails does
+            // not make it any less flashed.
+            *started = false;
+            let env = eject::Env { sysfs: &Sysfs::default(), scsi: &crate::blockdev::scsi::SgIo, guard: self.guard };
+            self.stages.run(Stage::Eject, || {
+                eject::run(&device, dev, opts.eject, &env).map_err(|e| stage_error(&device, Stage::Eject, &e))
             })?;
         }
-        drop(lock);
+        Ok(sha256)
     }
-    if let (true, Some(dev), false) = (is_device, dev, opts.eject == EjectMode::None) {
-        if cancel.is_cancelled() {
-            return Err(JobError::Cancelled { device });
-        }
-        let env = eject::Env { sysfs: &Sysfs::default(), scsi: &crate::blockdev::scsi::SgIo, guard };
-        stages.run(Stage::Eject, || {
-            eject::run(&device, dev, opts.eject, &env).map_err(|e| stage_error(&device, Stage::Eject, &e))
-        })?;
-    }
-    Ok(Report {
-        image: image.path.clone(),
-        format: image.format,
-        target: device,
-        diskseq,
-        raw_size,
-        sha256,
-        stages: stages.done,
-    })
 }
 
 /// Runs stages in order, timing each and telling the observer.
@@ -334,15 +393,6 @@ fn stage_error(device: &Path, stage: Stage, message: &dyn std::fmt::Display) -> 
     JobError::Stage { device: device.to_owned(), stage, message: message.to_string() }
 }
 
-fn check_media(target: &Target, expected: Option<u64>) -> Result<(), JobError> {
-    match (expected, target.diskseq()) {
-        (Some(expected), Some(found)) if expected != found => {
-            Err(JobError::MediaChanged { device: target.path().to_owned(), expected, found })
-        }
-        _ => Ok(()),
-    }
-}
-
 /// Reads a card back and compares it with `image`, on its own; returns the
 /// image's SHA-256.
 pub fn verify_only(
@@ -363,8 +413,9 @@ pub fn verify_only(
         .into());
     }
     observer.stage(Stage::Verify);
-    verify::run(image, &target, raw_size, chunk_size, true, observer, cancel)?
-        .ok_or_else(|| JobError::Internal("image reader ended without a digest".into()))
+    let reference = verify::Reference::Image(image.chunks(chunk_size, Hashes::default())?);
+    verify::run(&target, reference, raw_size, chunk_size, true, observer, cancel)?
+        .ok_or_else(|| JobError::Internal("verification ended without a digest".into()))
 }
 
 /// Opens the target exclusively and asks the guard. When the exclusive open

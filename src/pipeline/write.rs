@@ -9,23 +9,32 @@
 //! 3. Flush, then write the first MiB (the new partition table) and flush
 //!    again. Only a card that received every byte gets a table.
 
-use super::chunks::ChunkReader;
 use super::{Cancel, JobError, Observer, Stage};
 use crate::blockdev::{AlignedBuf, Kind, Target};
-use crate::image::ImageError;
+use crate::image::{BlockDigests, ChunkReader, ImageError};
 
 /// The region written last: partition tables and boot loaders live here.
 pub const HEAD: usize = 1 << 20;
 
+/// What the writer knows about the image it writes.
+pub(super) struct Source<'a> {
+    pub path: &'a std::path::Path,
+    pub raw_size: u64,
+    /// The image's block digests from preparation: every chunk is checked
+    /// against them before the card gets it, so a prepared copy that rotted
+    /// or changed since never reaches a card.
+    pub expected: Option<&'a BlockDigests>,
+}
+
 /// Writes the whole image; returns once every byte is on the medium.
 pub(super) fn run(
-    chunks: &mut ChunkReader,
+    chunks: &mut ChunkReader<ImageError>,
     target: &Target,
-    image: &crate::image::Image,
-    raw_size: u64,
+    source: &Source<'_>,
     observer: &dyn Observer,
     cancel: &Cancel,
 ) -> Result<(), JobError> {
+    let raw_size = source.raw_size;
     blank_ends(target)?;
     // The blank ends must be on the medium before any of the new body is:
     // with a volatile cache, a pull could otherwise keep body writes and
@@ -40,15 +49,16 @@ pub(super) fn run(
         let mut chunk = chunk?;
         cancel.check(target)?;
         // A swapped card must not get the rest of someone else's image.
-        if let (Some(expected), Some(found)) = (diskseq, target.diskseq())
-            && expected != found
-        {
-            return Err(JobError::MediaChanged { device: target.path().to_owned(), expected, found });
-        }
-        let end = chunk.offset + chunk.len as u64;
+        target.ensure_media(diskseq)?;
+        let end = chunk.end();
         // The size index decided the guard's verdict; never write past it.
         if end > raw_size {
-            return Err(ImageError::SizeChanged { path: image.path.clone(), expected: raw_size, found: end }.into());
+            return Err(ImageError::SizeChanged { path: source.path.to_owned(), expected: raw_size, found: end }.into());
+        }
+        if let Some(expected) = source.expected
+            && let Err(offset) = expected.check(chunk.offset, chunk.data())
+        {
+            return Err(JobError::ImageChanged { image: source.path.to_owned(), offset });
         }
         let mut body_start = 0;
         if let Ok(start) = usize::try_from(chunk.offset)
@@ -66,23 +76,26 @@ pub(super) fn run(
         chunks.recycle(chunk.buf);
     }
     if written != raw_size {
-        return Err(ImageError::SizeChanged { path: image.path.clone(), expected: raw_size, found: written }.into());
+        let path = source.path.to_owned();
+        return Err(ImageError::SizeChanged { path, expected: raw_size, found: written }.into());
     }
     target.sync()?;
     cancel.check(target)?;
+    // The table makes the card look flashed: only onto the card we wrote.
+    target.ensure_media(diskseq)?;
     write_padded(target, &mut head, 0, head_len, 0)?;
     target.set_file_len(raw_size)?;
     target.sync()?;
     Ok(())
 }
 
-/// Zeroes the first and last MiB of a device (only the first of a file).
-/// Zeroes the first MiB (the partition table) after a failed verification,
-/// so a card that does not hold the image does not look like it does.
-pub(super) fn unmake_bootable(target: &Target) -> Result<(), JobError> {
-    let zero = AlignedBuf::new(HEAD);
-    let head = usize::try_from(target.size().min(HEAD as u64)).unwrap_or(HEAD);
-    target.write_at(&zero[..head.max(target.block_size())], 0)?;
+/// Takes the partition tables away again (the first and last MiB), so a
+/// card whose job failed after writing began does not look flashed; only
+/// while the device still holds the media `expected`, so a card swapped in
+/// meanwhile is left alone.
+pub(super) fn blank(target: &Target, expected: Option<u64>) -> Result<(), JobError> {
+    target.ensure_media(expected)?;
+    blank_ends(target)?;
     target.sync()?;
     Ok(())
 }

@@ -1,74 +1,20 @@
 //! Prometheus metrics in the text exposition format (0.0.4), which every
 //! Prometheus version scrapes.
 //!
-//! Cards by result and slots by state come from the station's snapshot at
-//! scrape time; bytes and stage durations are accumulated from finished-job
-//! events by [`follow`].
+//! Everything comes from the station's snapshot at scrape time: the cards
+//! by result, bytes and stage durations are counted by the station as each
+//! card ends, so `/metrics`, the status file and `history.jsonl` agree.
 
 use std::fmt::Write;
-use std::sync::{Arc, Mutex};
 
-use tokio::sync::broadcast;
-
-use crate::pipeline::{Stage, StageResult};
-use crate::station::status::{Event, JobRecord, SlotState, Snapshot};
-
-/// Upper bounds of the duration buckets: a card takes seconds to an hour.
-const BUCKETS: [f64; 11] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0];
+use crate::station::status::{BUCKETS, Histogram, SlotState, Snapshot};
 
 #[derive(Debug, Default)]
-pub struct Metrics {
-    counts: Mutex<Counts>,
-}
-
-#[derive(Debug, Default)]
-struct Counts {
-    written_bytes: u64,
-    write: Histogram,
-    verify: Histogram,
-}
-
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    buckets: [u64; BUCKETS.len()],
-    sum: f64,
-    count: u64,
-}
-
-impl Histogram {
-    fn observe(&mut self, value: f64) {
-        for (bucket, bound) in self.buckets.iter_mut().zip(BUCKETS) {
-            if value <= bound {
-                *bucket += 1;
-            }
-        }
-        self.sum += value;
-        self.count += 1;
-    }
-}
+pub struct Metrics;
 
 impl Metrics {
-    pub fn record(&self, record: &JobRecord) {
-        let Some(report) = &record.report else { return };
-        let Ok(mut counts) = self.counts.lock() else { return };
-        for stage in &report.stages {
-            if stage.result != StageResult::Done {
-                continue;
-            }
-            match stage.stage {
-                Stage::Write => {
-                    counts.written_bytes += report.raw_size;
-                    counts.write.observe(stage.seconds);
-                }
-                Stage::Verify => counts.verify.observe(stage.seconds),
-                _ => {}
-            }
-        }
-    }
-
     pub fn render(&self, snapshot: &Snapshot) -> String {
-        let counts = self.counts.lock().map(|c| (c.written_bytes, c.write.clone(), c.verify.clone()));
-        let (written, write, verify) = counts.unwrap_or_default();
+        let (written, write, verify) = (snapshot.totals.written_bytes, &snapshot.totals.write, &snapshot.totals.verify);
         let mut out = String::new();
         let s = &snapshot.summary;
         family(&mut out, "flashbay_cards_total", "counter", "Cards finished since the daemon started, by result.");
@@ -77,8 +23,8 @@ impl Metrics {
         }
         family(&mut out, "flashbay_written_bytes_total", "counter", "Bytes written to cards.");
         let _ = writeln!(out, "flashbay_written_bytes_total {written}");
-        histogram(&mut out, "flashbay_write_duration_seconds", "Time to write one card.", &write);
-        histogram(&mut out, "flashbay_verify_duration_seconds", "Time to read one card back and compare it.", &verify);
+        histogram(&mut out, "flashbay_write_duration_seconds", "Time to write one card.", write);
+        histogram(&mut out, "flashbay_verify_duration_seconds", "Time to read one card back and compare it.", verify);
         family(&mut out, "flashbay_slots", "gauge", "Slots by state.");
         for state in SlotState::ALL {
             let n = snapshot.slots.iter().filter(|s| s.state == state).count();
@@ -106,18 +52,6 @@ impl Metrics {
     }
 }
 
-/// Follows finished jobs until the station stops.
-pub async fn follow(metrics: Arc<Metrics>, mut events: broadcast::Receiver<Event>) -> anyhow::Result<()> {
-    loop {
-        match events.recv().await {
-            Ok(Event::Finished(record)) => metrics.record(&record),
-            Ok(_) => {}
-            Err(broadcast::error::RecvError::Lagged(n)) => tracing::warn!("metrics missed {n} events"),
-            Err(broadcast::error::RecvError::Closed) => return Ok(()),
-        }
-    }
-}
-
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
@@ -138,18 +72,6 @@ fn escape(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_are_cumulative() {
-        let mut h = Histogram::default();
-        for v in [0.5, 3.0, 3000.0, 9000.0] {
-            h.observe(v);
-        }
-        assert_eq!(h.buckets[0], 1);
-        assert_eq!(h.buckets[1], 2);
-        assert_eq!(h.buckets[10], 3);
-        assert_eq!(h.count, 4);
-    }
 
     #[test]
     fn escapes_label_values() {

@@ -1,46 +1,81 @@
 //! Images prepared once and shared by every slot that writes them.
 //!
-//! Preparing an image means one full pass: its raw size, its SHA-256 and,
-//! for a compressed image, a decompressed copy in `cache_dir`. Cards are
-//! then written from the raw copy, so N cards cost one decompression, not
-//! N, and each card's verification compares against a raw file in the page
-//! cache: no CPU per card beyond `memcmp`. A damaged image fails here,
-//! before any card is touched.
+//! Preparing an image means one full pass over its decoded stream: its raw
+//! size, its SHA-256, a digest per block (the image's identity, see
+//! [`crate::image::blocks`]) and, for a compressed image, a decompressed
+//! copy in `cache_dir`. Cards are then written from the raw copy, so N
+//! cards cost one decompression, not N. A damaged image fails here, before
+//! any card is touched.
+//!
+//! Nothing prepared is trusted blindly: every chunk a job reads from the
+//! prepared copy is checked against the block digests before the card gets
+//! it, and the card is verified against the digests, not against the copy.
+//! A copy that rotted fails its card and is rebuilt ([`Rebuild`]); an image
+//! replaced under the same name is noticed before the next card
+//! ([`Prepared::changed`]) and prepared again, while jobs already running
+//! keep the file they opened.
 //!
 //! The result is remembered in `cache_dir` keyed by the source's identity
 //! (device, inode, size, modification time), so a restart does not hash or
-//! decompress an unchanged image again. When the cache cannot hold the raw
-//! copy, cards are decoded from the source, one decoder per card.
+//! decompress an unchanged image again; the cached copy's own identity is
+//! recorded too, so a copy changed behind our back is rebuilt. When the
+//! cache cannot hold the raw copy, cards are decoded from the source, one
+//! decoder per card.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::status::ImageStatus;
-use crate::blockdev::AlignedBuf;
-use crate::image::{Format, Image, hex};
+use crate::image::{BlockDigests, Format, Image, hex};
 
 /// A prepared image, ready to be written to any number of cards.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Prepared {
     /// The image as configured.
     pub source: PathBuf,
+    /// The source's identity when it was prepared ([`cache_key`]).
+    pub key: String,
     pub format: Format,
     pub raw_size: u64,
     pub sha256: String,
     /// What jobs read: the raw copy in the cache, or the source itself.
     pub raw: PathBuf,
+    /// Identity of the raw copy as written (a copy changed since is rebuilt).
+    raw_key: String,
+    /// The decoded source stream's digests, block by block.
+    pub blocks: Arc<BlockDigests>,
+    /// The raw copy, held open: jobs read the very file that was prepared,
+    /// whatever happens to its name.
+    #[serde(skip)]
+    pub file: Option<Image>,
 }
 
 impl Prepared {
     pub fn cached(&self) -> bool {
         self.raw != self.source
     }
+
+    /// Whether the configured file is no longer the one prepared (replaced,
+    /// rewritten, gone): the next card waits for a new preparation.
+    pub fn changed(&self) -> bool {
+        cache_key(&self.source).map_or(true, |key| key != self.key)
+    }
+}
+
+/// Whether a preparation may reuse what the cache remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuild {
+    /// Reuse a remembered preparation whose copy is unchanged.
+    IfNeeded,
+    /// A job found the copy damaged: decode the source again.
+    Always,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +94,14 @@ pub(super) struct ImageStore {
 impl ImageStore {
     pub(super) fn get(&self, path: &Path) -> Option<&ImageState> {
         self.states.get(path)
+    }
+
+    /// Forgets `path`'s preparation (its copy is damaged, or the file
+    /// changed), unless it is being prepared again already.
+    pub(super) fn forget(&mut self, path: &Path) {
+        if !matches!(self.states.get(path), Some(ImageState::Preparing)) {
+            self.states.remove(path);
+        }
     }
 
     /// Marks `path` as being prepared; false if it already is or was.
@@ -135,40 +178,59 @@ impl ImageStore {
 
 /// One full pass over `source` (blocking): see the module docs. Errors read
 /// `image <path>: <what is wrong>`, which is what a failed slot shows.
-pub fn prepare(source: &Path, cache_dir: &Path) -> Result<Prepared, String> {
-    prepare_inner(source, cache_dir).map_err(|e| format!("image {e}"))
+pub fn prepare(source: &Path, cache_dir: &Path, rebuild: Rebuild) -> Result<Prepared, String> {
+    prepare_inner(source, cache_dir, rebuild).map_err(|e| format!("image {e}"))
 }
 
-fn prepare_inner(source: &Path, cache_dir: &Path) -> Result<Prepared, String> {
+fn prepare_inner(source: &Path, cache_dir: &Path, rebuild: Rebuild) -> Result<Prepared, String> {
     let image = Image::open(source).map_err(|e| e.to_string())?;
     let key = cache_key(source).map_err(|e| format!("{}: {e}", source.display()))?;
     let meta_path = cache_dir.join(format!("{key}.json"));
-    if let Some(known) = load_meta(&meta_path)
-        && (!known.cached() || fs::metadata(&known.raw).is_ok_and(|m| m.len() == known.raw_size))
+    if rebuild == Rebuild::Always {
+        tracing::warn!(image = %source.display(), "preparing the image again: its prepared copy was damaged");
+        let _ = fs::remove_file(&meta_path);
+    } else if let Some(mut known) = load_meta(&meta_path)
+        && known.key == key
+        && cache_key(&known.raw).is_ok_and(|k| k == known.raw_key)
+        && let Ok(file) = open_raw(&known)
     {
         tracing::info!(image = %source.display(), sha256 = %known.sha256, "image already prepared");
+        known.file = Some(file);
         return Ok(known);
     }
 
     // Cards read the source itself: measure it where it is.
     let in_place = || -> Result<Prepared, String> {
         let m = image.measure().map_err(|e| e.to_string())?;
+        let raw_key = key.clone();
         Ok(Prepared {
             source: source.to_owned(),
+            key: key.clone(),
             format: image.format,
             raw_size: m.raw_size,
             sha256: m.sha256,
             raw: source.to_owned(),
+            raw_key,
+            blocks: Arc::new(m.blocks),
+            file: None,
         })
     };
-    let prepared = if image.format == Format::Raw {
+    let mut prepared = if image.format == Format::Raw {
         in_place()?
     } else {
         let raw = cache_dir.join(format!("{key}.img"));
         match decompress(&image, &raw) {
-            Ok((raw_size, sha256)) => {
-                Prepared { source: source.to_owned(), format: image.format, raw_size, sha256, raw }
-            }
+            Ok(m) => Prepared {
+                source: source.to_owned(),
+                key: key.clone(),
+                format: image.format,
+                raw_size: m.raw_size,
+                sha256: m.sha256,
+                raw_key: cache_key(&raw).map_err(|e| format!("{}: {e}", raw.display()))?,
+                raw,
+                blocks: Arc::new(m.blocks),
+                file: None,
+            },
             Err(Unpack::Image(e)) => return Err(e),
             Err(Unpack::Cache(e)) => {
                 let dir = cache_dir.display();
@@ -177,10 +239,18 @@ fn prepare_inner(source: &Path, cache_dir: &Path) -> Result<Prepared, String> {
             }
         }
     };
+    prepared.file = Some(open_raw(&prepared)?);
     if let Err(e) = save_meta(&meta_path, &prepared) {
         tracing::warn!("cannot remember prepared image in {}: {e}", meta_path.display());
     }
     Ok(prepared)
+}
+
+/// Opens what jobs will read, sized from preparation.
+fn open_raw(prepared: &Prepared) -> Result<Image, String> {
+    let mut image = Image::open(&prepared.raw).map_err(|e| e.to_string())?;
+    image.raw_size = Some(prepared.raw_size);
+    Ok(image)
 }
 
 /// Removes cache entries that belong to none of `keep` (configured images).
@@ -206,8 +276,8 @@ enum Unpack {
 }
 
 /// Decompresses into `raw` (via a temporary file, renamed when complete
-/// and durable); returns the raw size and SHA-256.
-fn decompress(image: &Image, raw: &Path) -> Result<(u64, String), Unpack> {
+/// and durable), measuring the decoded stream on the way.
+fn decompress(image: &Image, raw: &Path) -> Result<crate::image::Measured, Unpack> {
     let dir = raw.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(Unpack::Cache)?;
     if let Some(size) = image.raw_size {
@@ -224,25 +294,21 @@ fn decompress(image: &Image, raw: &Path) -> Result<(u64, String), Unpack> {
     let tmp = raw.with_extension("img.tmp");
     let result = (|| {
         let mut out = File::create(&tmp).map_err(Unpack::Cache)?;
-        let mut reader = image.reader().map_err(|e| Unpack::Image(e.to_string()))?;
-        let mut hasher = Sha256::new();
-        let mut buf = AlignedBuf::new(4 << 20);
-        loop {
-            let n = reader.fill(&mut buf).map_err(|e| Unpack::Image(e.to_string()))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            out.write_all(&buf[..n]).map_err(Unpack::Cache)?;
-        }
+        let measured = image.decode(|chunk| out.write_all(chunk.data()).map_err(Unpack::Cache))?;
         out.sync_all().map_err(Unpack::Cache)?;
         fs::rename(&tmp, raw).map_err(Unpack::Cache)?;
-        Ok((reader.position(), hex(&hasher.finalize())))
+        Ok(measured)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+impl From<crate::image::ImageError> for Unpack {
+    fn from(e: crate::image::ImageError) -> Self {
+        Unpack::Image(e.to_string())
+    }
 }
 
 /// 16 hex digits identifying this version of the file at `path`.
@@ -277,7 +343,7 @@ mod tests {
         fs::write(&src, zstd::bulk::compress(&data, 1).unwrap()).unwrap();
         let cache = dir.path().join("cache");
 
-        let p = prepare(&src, &cache).unwrap();
+        let p = prepare(&src, &cache, Rebuild::IfNeeded).unwrap();
         assert_eq!(p.format, Format::Zstd);
         assert_eq!(p.raw_size, data.len() as u64);
         assert_eq!(p.sha256, hex(&Sha256::digest(&data)));
@@ -285,7 +351,8 @@ mod tests {
         assert_eq!(fs::read(&p.raw).unwrap(), data);
 
         // Second time: from the remembered metadata, same answer.
-        assert_eq!(prepare(&src, &cache).unwrap(), p);
+        let again = prepare(&src, &cache, Rebuild::IfNeeded).unwrap();
+        assert_eq!((&again.sha256, &again.raw, &again.blocks), (&p.sha256, &p.raw, &p.blocks));
 
         // Stale entries go; current ones stay.
         fs::write(cache.join("0123456789abcdef.img"), b"old").unwrap();
@@ -302,7 +369,7 @@ mod tests {
         z.truncate(z.len() / 2);
         let src = dir.path().join("bad.zst");
         fs::write(&src, z).unwrap();
-        let err = prepare(&src, &dir.path().join("cache")).unwrap_err();
+        let err = prepare(&src, &dir.path().join("cache"), Rebuild::IfNeeded).unwrap_err();
         assert!(err.contains("bad.zst") && err.contains("zstd"), "{err}");
         let leftovers = fs::read_dir(dir.path().join("cache")).map_or(0, Iterator::count);
         assert_eq!(leftovers, 0, "no half-written cache left");

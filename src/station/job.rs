@@ -1,8 +1,10 @@
 //! One job on one card, run for the station.
 //!
 //! The pipeline is blocking, so it runs on tokio's blocking pool; the async
-//! wrapper holds the concurrency permit until the pipeline has returned and
-//! always reports back, whatever happened. Stage changes are sent to the
+//! wrapper always reports back, whatever happened, and the station counts
+//! the job as running until it has. Around the device work the job keeps
+//! its record in `state_dir/jobs/` ([`super::inflight`]), so a crash
+//! leaves a trace the next start acts on. Stage changes are sent to the
 //! station as messages (rare, never lost); byte counts go into atomics the
 //! station samples on its tick, so a fast writer never floods a channel.
 
@@ -10,12 +12,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::mpsc;
 
 use super::Msg;
 use super::images::Prepared;
 use crate::guard::Guard;
-use crate::image::Image;
 use crate::pipeline::{self, Cancel, EjectMode, JobError, Observer, Options, Report, Stage, StageOutcome};
 
 /// The card a job writes, as udev described it.
@@ -58,25 +59,32 @@ pub(super) struct JobSpec {
     pub progress: Arc<JobProgress>,
     /// The job's log context: slot, device, DISKSEQ, serial, image.
     pub span: tracing::Span,
+    /// Where the in-flight record goes, and what it says.
+    pub state_dir: PathBuf,
+    pub record: super::inflight::InFlight,
 }
 
-pub(super) async fn run(spec: JobSpec, permit: OwnedSemaphorePermit, tx: mpsc::Sender<Msg>) {
+pub(super) async fn run(spec: JobSpec, tx: mpsc::Sender<Msg>) {
     let id = spec.id;
+    let (state_dir, slot) = (spec.state_dir.clone(), spec.record.slot.clone());
     let observer = JobObserver { id, tx: tx.clone(), progress: Arc::clone(&spec.progress) };
     let result = tokio::task::spawn_blocking(move || {
         let _entered = spec.span.enter();
+        // No record, no write: a crash must never leave an unknown card behind.
+        super::inflight::begin(&spec.state_dir, &spec.record)
+            .map_err(|e| JobError::Internal(format!("cannot record the job in {}: {e}", spec.state_dir.display())))?;
         flash(&spec, &observer)
     })
     .await
     .unwrap_or_else(|e| Err(JobError::Internal(format!("job panicked: {e}"))));
-    drop(permit);
+    super::inflight::end(&state_dir, &slot);
     let _ = tx.send(Msg::Finished { job: id, result: Box::new(result) }).await;
 }
 
 fn flash(spec: &JobSpec, observer: &JobObserver) -> Result<Report, JobError> {
-    let mut image = Image::open(&spec.image.raw)?;
-    // Known from preparation: never measure again per card.
-    image.raw_size = Some(spec.image.raw_size);
+    // The file preparation opened and sized, whatever its name points at now.
+    let mut image =
+        spec.image.file.clone().ok_or_else(|| JobError::Internal("image prepared without its file".into()))?;
     let opts = Options {
         verify: spec.settings.verify,
         expand: spec.settings.expand,
@@ -86,11 +94,21 @@ fn flash(spec: &JobSpec, observer: &JobObserver) -> Result<Report, JobError> {
         // allowed there; the system-disk and in-use rules still hold.
         force: true,
         expected_diskseq: spec.card.diskseq,
-        // The image's SHA-256 is known from preparation.
+        // The image's SHA-256 is known from preparation, and so are its
+        // block digests: the copy and the card are checked against them.
         hash: false,
+        blocks: Some(Arc::clone(&spec.image.blocks)),
         ..Options::default()
     };
-    pipeline::flash(&mut image, &spec.card.devnode, &opts, &Guard::default(), observer, &spec.cancel)
+    pipeline::flash(&mut image, &spec.card.devnode, &opts, &Guard::default(), observer, &spec.cancel).map_err(|e| {
+        match e {
+            // Name the image as configured, not its copy in the cache.
+            JobError::ImageChanged { offset, .. } => {
+                JobError::ImageChanged { image: spec.image.source.clone(), offset }
+            }
+            e => e,
+        }
+    })
 }
 
 struct JobObserver {

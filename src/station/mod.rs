@@ -13,11 +13,18 @@
 //! DISKSEQ on the open device, so a card swapped in the meantime is never
 //! written by a stale job.
 //!
-//! Concurrency is a semaphore: a permit is taken before a job is spawned
-//! and moved into it, so a job that ends in any way gives it back. Cards
-//! wait in insertion order.
+//! Concurrency is counted here: a job runs from the moment it is spawned
+//! until its `Finished` message arrives (which the job always sends), and a
+//! card waits while `concurrency` jobs run, in insertion order. A reload
+//! changes the limit and nothing else, so lowering and raising it in quick
+//! succession cannot lose a writer.
+//!
+//! Every end of a card's job (done, failed, refused, cancelled while
+//! queued, image unusable, interrupted) goes through [`Station::finish`]:
+//! counters, history, events and the journal cannot disagree.
 
 mod images;
+pub mod inflight;
 mod job;
 pub mod status;
 
@@ -28,10 +35,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{Semaphore, broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use images::{Prepared, prepare, prune_cache};
+pub use images::{Prepared, Rebuild, prepare, prune_cache};
 pub use job::Card;
 use job::{JobProgress, JobSpec};
 use status::{Event, JobRecord, LogLine, SlotState, SlotStatus, Snapshot, Summary};
@@ -253,17 +260,20 @@ pub struct Station {
     slots: Vec<Slot>,
     /// Job ids of cards waiting for a writer, in insertion order.
     queue: VecDeque<u64>,
-    permits: Arc<Semaphore>,
     images: images::ImageStore,
-    /// Jobs whose card was replaced: they finish on their own, unowned.
     /// Jobs whose card was replaced, by id: (slot name, device). They end
-    /// on their own; a new job on the same device waits for them.
+    /// on their own, still count against `concurrency`, and a new job on
+    /// the same device waits for them.
     orphans: HashMap<u64, (String, PathBuf)>,
+    /// Jobs a previous run never saw end (crash, `kill -9`): their slots
+    /// start `failed`, and their cards are not `present` but interrupted.
+    interrupted: Vec<inflight::InFlight>,
     tx: mpsc::Sender<Msg>,
     rx: mpsc::Receiver<Msg>,
     rescan: mpsc::Sender<crate::udev::Request>,
     next_job: u64,
     summary: Summary,
+    totals: status::Totals,
     version: u64,
     publish: watch::Sender<Arc<Snapshot>>,
     events: broadcast::Sender<Event>,
@@ -284,6 +294,7 @@ impl Station {
         config: Arc<Config>,
         rescan: mpsc::Sender<crate::udev::Request>,
         http: Option<String>,
+        interrupted: Vec<inflight::InFlight>,
     ) -> (Self, Handles) {
         let (tx, rx) = mpsc::channel(256);
         let slots: Vec<Slot> = config.slots.iter().cloned().map(Slot::new).collect();
@@ -294,6 +305,7 @@ impl Station {
             concurrency: config.concurrency,
             http: http.clone(),
             summary: Summary::default(),
+            totals: status::Totals::default(),
             images: Vec::new(),
             slots: slots.iter().map(Slot::status).collect(),
         });
@@ -301,17 +313,18 @@ impl Station {
         let heartbeat = Arc::new(AtomicU64::new(0));
         let (events, follow) = broadcast::channel(1024);
         let station = Self {
-            permits: Arc::new(Semaphore::new(config.concurrency)),
             config,
             slots,
             queue: VecDeque::new(),
             images: images::ImageStore::default(),
             orphans: HashMap::new(),
+            interrupted,
             tx: tx.clone(),
             rx,
             rescan,
             next_job: 1,
             summary: Summary::default(),
+            totals: status::Totals::default(),
             version: 0,
             publish,
             events,
@@ -331,6 +344,7 @@ impl Station {
     ) -> anyhow::Result<()> {
         self.prepare_images();
         self.changed();
+        self.restore_interrupted();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -520,8 +534,14 @@ impl Station {
     }
 
     fn on_finished(&mut self, id: u64, result: &Result<Report, JobError>) {
+        if let Err(JobError::ImageChanged { image, .. }) = result {
+            // The prepared copy rotted or the file changed: rebuild it before
+            // the next card.
+            self.images.forget(image);
+            self.start_preparing_with(&image.clone(), Rebuild::Always);
+        }
         if let Some((slot, _)) = self.orphans.remove(&id) {
-            tracing::info!(slot = %slot, "job for a replaced card ended: {}", outcome(result));
+            tracing::info!(slot = %slot, "{slot}: job for a replaced card ended: {}", outcome(result));
             self.schedule();
             return;
         }
@@ -529,7 +549,6 @@ impl Station {
         let slot = &mut self.slots[i];
         let Some(job) = slot.job.take() else { return };
         slot.meter.sample(&job.progress, Instant::now());
-        slot.finished_at = Some(SystemTime::now());
         let during = match slot.state {
             SlotState::Queued => SlotState::Writing,
             s => s,
@@ -552,31 +571,59 @@ impl Station {
                 (SlotState::Failed, Some(e.to_string()))
             }
         };
-        slot.state = state;
-        slot.error = error;
         // Only a card the reader really ejected (not one merely synced).
         slot.ejected = matches!(result, Ok(r) if r.stages.iter().any(|s| {
             s.stage == Stage::Eject && s.result == StageResult::Done && s.detail.starts_with("ejected")
         }));
+        self.finish(i, state, error, result.as_ref().ok());
+        self.schedule();
+    }
+
+    /// The one end of every card's job: state, counters, journal, history,
+    /// followers. `error` is the one-line reason of a failed or refused card.
+    fn finish(&mut self, i: usize, state: SlotState, error: Option<String>, report: Option<&Report>) {
+        let slot = &mut self.slots[i];
+        slot.job = None;
+        slot.state = state;
+        slot.error = error;
+        slot.finished_at = Some(SystemTime::now());
         match state {
             SlotState::Done => self.summary.done += 1,
             SlotState::Refused => self.summary.refused += 1,
             _ => self.summary.failed += 1,
         }
-        match (result, slot.error.clone()) {
-            (Ok(r), _) => {
+        if let Some(r) = report {
+            self.totals.record(r);
+        }
+        match (report, self.slots[i].error.clone()) {
+            (Some(r), _) if state == SlotState::Done => {
                 let total: f64 = r.stages.iter().map(|s| s.seconds).sum();
                 self.log(i, Level::INFO, "done", &format!("done: {} in {total:.1} s", crate::units::Bytes(r.raw_size)));
             }
             (_, Some(e)) => self.log(i, Level::ERROR, state.name(), &format!("{state}: {e}")),
-            (Err(_), None) => {}
+            _ => self.log(i, Level::ERROR, state.name(), state.name()),
         }
-        self.record_history(i, result.as_ref().ok());
-        let record =
-            JobRecord { slot: self.slots[i].config.name.clone(), state, report: result.as_ref().ok().cloned() };
+        self.record_history(i, report);
+        let record = JobRecord { slot: self.slots[i].config.name.clone(), state, report: report.cloned() };
         let _ = self.events.send(Event::Finished(Arc::new(record)));
         self.slot_changed(i);
-        self.schedule();
+    }
+
+    /// Slots whose job a previous run never saw end: failed, counted and
+    /// recorded once; their card, when udev lists it, is the same media.
+    fn restore_interrupted(&mut self) {
+        for job in std::mem::take(&mut self.interrupted) {
+            let Some(i) = self.slots.iter().position(|s| s.config.name == job.slot && s.config.port == job.port) else {
+                tracing::warn!("{}: interrupted by restart (slot no longer configured)", job.slot);
+                continue;
+            };
+            self.slots[i].media = job.diskseq;
+            self.finish(i, SlotState::Failed, Some("interrupted by restart".into()), None);
+        }
+    }
+
+    fn running(&self) -> usize {
+        self.orphans.len() + self.slots.iter().filter(|s| s.job.as_ref().is_some_and(|j| j.running)).count()
     }
 
     /// Starts every queued job that can start, in insertion order, while
@@ -603,19 +650,17 @@ impl Station {
                 Some(images::ImageState::Failed(e)) => {
                     let e = e.clone();
                     self.queue.remove(i);
-                    let slot = &mut self.slots[s];
-                    slot.job = None;
-                    slot.state = SlotState::Failed;
-                    slot.error = Some(e.clone());
-                    slot.finished_at = Some(SystemTime::now());
-                    self.summary.failed += 1;
-                    self.log(s, Level::ERROR, "failed", &e);
-                    let record =
-                        JobRecord { slot: self.slots[s].config.name.clone(), state: SlotState::Failed, report: None };
-                    let _ = self.events.send(Event::Finished(Arc::new(record)));
                     // Let the next card retry, in case the image was fixed.
                     self.images.forget_failed(&image);
-                    self.slot_changed(s);
+                    self.finish(s, SlotState::Failed, Some(e), None);
+                }
+                // Replaced or rewritten since it was prepared: this card
+                // waits for the new version.
+                Some(images::ImageState::Ready(prepared)) if prepared.changed() => {
+                    tracing::info!(image = %image.display(), "image changed since it was prepared: preparing it again");
+                    self.images.forget(&image);
+                    self.start_preparing(&image);
+                    i += 1;
                 }
                 // The job for the card this one replaced still holds the device.
                 Some(images::ImageState::Ready(_))
@@ -627,24 +672,36 @@ impl Station {
                     i += 1;
                 }
                 Some(images::ImageState::Ready(prepared)) => {
-                    let Ok(permit) = Arc::clone(&self.permits).try_acquire_owned() else { break };
+                    if self.running() >= self.config.concurrency {
+                        break;
+                    }
                     let prepared = Arc::clone(prepared);
                     self.queue.remove(i);
-                    self.start_job(s, prepared, permit);
+                    self.start_job(s, prepared);
                 }
             }
         }
     }
 
-    fn start_job(&mut self, s: usize, image: Arc<Prepared>, permit: tokio::sync::OwnedSemaphorePermit) {
+    fn start_job(&mut self, s: usize, image: Arc<Prepared>) {
         let settings = job::Settings {
             verify: self.config.verify,
             expand: self.config.expand,
             resize: self.config.resize,
             eject: self.config.eject,
         };
+        let state_dir = self.config.state_dir.clone();
         let slot = &mut self.slots[s];
         let (Some(job), Some(card)) = (slot.job.as_mut(), slot.card.clone()) else { return };
+        let record = inflight::InFlight {
+            slot: slot.config.name.clone(),
+            port: slot.config.port.clone(),
+            devnode: card.devnode.clone(),
+            diskseq: card.diskseq,
+            serial: card.serial.clone(),
+            image: slot.config.image.clone(),
+            boot_id: inflight::boot_id(),
+        };
         job.running = true;
         slot.jobs += 1;
         slot.started_at = Some(SystemTime::now());
@@ -656,8 +713,10 @@ impl Station {
             cancel: job.cancel.clone(),
             progress: Arc::clone(&job.progress),
             span: slot.span(),
+            state_dir,
+            record,
         };
-        tokio::spawn(job::run(spec, permit, self.tx.clone()));
+        tokio::spawn(job::run(spec, self.tx.clone()));
     }
 
     fn prepare_images(&mut self) {
@@ -667,13 +726,17 @@ impl Station {
     }
 
     fn start_preparing(&mut self, image: &Path) {
+        self.start_preparing_with(image, Rebuild::IfNeeded);
+    }
+
+    fn start_preparing_with(&mut self, image: &Path, rebuild: Rebuild) {
         if !self.images.begin(image) {
             return;
         }
         let (image, cache, tx) = (image.to_owned(), self.config.cache_dir.clone(), self.tx.clone());
         tracing::info!(image = %image.display(), "preparing image");
         tokio::task::spawn_blocking(move || {
-            let result = images::prepare(&image, &cache);
+            let result = images::prepare(&image, &cache, rebuild);
             let _ = tx.blocking_send(Msg::Prepared { image, result });
         });
     }
@@ -702,19 +765,6 @@ impl Station {
             }
         }
         self.slots = slots;
-        let (old_n, new_n) = (self.config.concurrency, config.concurrency);
-        if new_n > old_n {
-            self.permits.add_permits(new_n - old_n);
-        } else if new_n < old_n {
-            // Permits held by running jobs come back later; take them then.
-            let permits = Arc::clone(&self.permits);
-            let n = u32::try_from(old_n - new_n).unwrap_or(u32::MAX);
-            tokio::spawn(async move {
-                if let Ok(p) = permits.acquire_many_owned(n).await {
-                    p.forget();
-                }
-            });
-        }
         self.config = config;
         let images = self.config.images();
         self.images.forget_finished();
@@ -773,11 +823,7 @@ impl Station {
             Some(job) => {
                 let id = job.id;
                 self.queue.retain(|&q| q != id);
-                slot.job = None;
-                slot.state = SlotState::Failed;
-                slot.error = Some("cancelled by the operator".into());
-                self.log(i, Level::WARN, "failed", "cancelled by the operator before it started");
-                self.slot_changed(i);
+                self.finish(i, SlotState::Failed, Some("cancelled by the operator before it started".into()), None);
                 Ok(format!("{name}: cancelled"))
             }
             None => Err(format!("{name}: nothing to cancel ({})", slot.state)),
@@ -814,10 +860,13 @@ impl Station {
     }
 
     fn log_in(&self, span: &tracing::Span, i: usize, level: Level, stage: &str, message: &str) {
+        // The journal's message must stand on its own (`journalctl -f`
+        // shows nothing else): it starts with the slot's name.
+        let name = &self.slots[i].config.name;
         span.in_scope(|| match level {
-            Level::ERROR => tracing::error!(stage, "{message}"),
-            Level::WARN => tracing::warn!(stage, "{message}"),
-            _ => tracing::info!(stage, "{message}"),
+            Level::ERROR => tracing::error!(stage, "{name}: {message}"),
+            Level::WARN => tracing::warn!(stage, "{name}: {message}"),
+            _ => tracing::info!(stage, "{name}: {message}"),
         });
         let level = match level {
             Level::ERROR => "error",
@@ -877,19 +926,10 @@ impl Station {
         self.changed();
     }
 
-    /// Ends a slot's card as `failed: interrupted`, with the bookkeeping of
-    /// any finished card (count, history, followers).
+    /// Ends a slot's card as `failed: interrupted`.
     fn interrupted(&mut self, i: usize, message: &str) {
-        let slot = &mut self.slots[i];
-        slot.state = SlotState::Failed;
-        slot.error = Some("interrupted".into());
-        slot.finished_at = Some(SystemTime::now());
-        self.summary.failed += 1;
-        self.log(i, Level::ERROR, "failed", message);
-        self.record_history(i, None);
-        let record = JobRecord { slot: self.slots[i].config.name.clone(), state: SlotState::Failed, report: None };
-        let _ = self.events.send(Event::Finished(Arc::new(record)));
-        self.slot_changed(i);
+        self.log(i, Level::WARN, "failed", message);
+        self.finish(i, SlotState::Failed, Some("interrupted".into()), None);
     }
 
     fn record_history(&self, i: usize, report: Option<&Report>) {
@@ -934,6 +974,7 @@ impl Station {
             concurrency: self.config.concurrency,
             http: self.http.clone(),
             summary,
+            totals: self.totals.clone(),
             images: self.images.status(&self.config.images()),
             slots,
         }));

@@ -94,8 +94,59 @@ pub struct Snapshot {
     /// Where the HTTP endpoint listens, when it does.
     pub http: Option<String>,
     pub summary: Summary,
+    /// Bytes and stage durations of finished cards, counted by the station
+    /// with the cards themselves (never from a lossy event stream).
+    #[serde(skip)]
+    pub totals: Totals,
     pub images: Vec<ImageStatus>,
     pub slots: Vec<SlotStatus>,
+}
+
+/// Upper bounds of the duration buckets: a card takes seconds to an hour.
+pub const BUCKETS: [f64; 11] = [1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0];
+
+/// What finished cards add up to since the daemon started.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    pub written_bytes: u64,
+    pub write: Histogram,
+    pub verify: Histogram,
+}
+
+impl Totals {
+    pub fn record(&mut self, report: &crate::pipeline::Report) {
+        use crate::pipeline::{Stage, StageResult};
+        for stage in report.stages.iter().filter(|s| s.result == StageResult::Done) {
+            match stage.stage {
+                Stage::Write => {
+                    self.written_bytes += report.raw_size;
+                    self.write.observe(stage.seconds);
+                }
+                Stage::Verify => self.verify.observe(stage.seconds),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A Prometheus histogram over [`BUCKETS`] (cumulative buckets).
+#[derive(Debug, Default, Clone)]
+pub struct Histogram {
+    pub buckets: [u64; BUCKETS.len()],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, value: f64) {
+        for (bucket, bound) in self.buckets.iter_mut().zip(BUCKETS) {
+            if value <= bound {
+                *bucket += 1;
+            }
+        }
+        self.sum += value;
+        self.count += 1;
+    }
 }
 
 /// Counts for one-line summaries (systemd `STATUS=`).
