@@ -135,6 +135,8 @@ struct Slot {
     /// The last job ejected the card: its removal is expected, and `done`
     /// stays on show until the next card.
     ejected: bool,
+    /// SHA-256 of the image the current (or last) job wrote, for history.
+    image_sha256: Option<String>,
 }
 
 /// Rate and ETA of the running stage, from sampled byte counts.
@@ -182,6 +184,7 @@ impl Slot {
             retired: false,
             stages: Vec::new(),
             ejected: false,
+            image_sha256: None,
         }
     }
 
@@ -440,6 +443,7 @@ impl Station {
         slot.meter = Meter::default();
         slot.stages.clear();
         slot.ejected = false;
+        slot.image_sha256 = None;
         if ev.action == Action::Existing && !self.config.flash_present_at_start {
             slot.state = SlotState::Present;
             self.log(i, Level::INFO, "present", "card present at start, left alone");
@@ -704,6 +708,7 @@ impl Station {
         };
         job.running = true;
         slot.jobs += 1;
+        slot.image_sha256 = Some(image.sha256.clone());
         slot.started_at = Some(SystemTime::now());
         let spec = JobSpec {
             id: job.id,
@@ -941,6 +946,9 @@ impl Station {
             "image": slot.config.image,
             "state": slot.state,
             "error": slot.error,
+            "image_sha256": slot.image_sha256,
+            // Proof, per card: the card was read back and matched the image.
+            "verified": report.is_some_and(|r| r.stages.iter().any(|s| s.stage == Stage::Verify && s.result == StageResult::Done)),
             "report": report,
         });
         let path = self.config.state_dir.join("history.jsonl");

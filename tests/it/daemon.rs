@@ -345,6 +345,9 @@ fn journal_entries_carry_slot_fields() {
     assert_eq!(done["DISKSEQ"], slot["diskseq"].to_string());
     assert_eq!(done["IMAGE"], image.to_str().unwrap());
     assert_eq!(done["SYSLOG_IDENTIFIER"], "flashbay");
+    // `journalctl -f` shows only the message: it must name its slot.
+    let message = done["MESSAGE"].as_str().unwrap();
+    assert!(message.starts_with("A1: done"), "{message}");
 }
 
 /// A damaged image fails the slots that use it, before any card is

@@ -16,4 +16,5 @@ mod install;
 mod observe;
 mod post;
 mod station;
+mod trust;
 mod write;

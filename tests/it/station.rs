@@ -118,6 +118,44 @@ impl Daemon {
         daemon
     }
 
+    /// Starts the daemon again on the same configuration, state and cache
+    /// (after this one was killed): what systemd does after a crash.
+    pub fn restart(&self) -> Self {
+        let name = crate::bed::unique("restart");
+        let dir = self.config.parent().unwrap();
+        let socket_path = dir.join(format!("{name}-notify.sock"));
+        let notify = UnixDatagram::bind(&socket_path).unwrap();
+        notify.set_nonblocking(true).unwrap();
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_flashbay"))
+            .args(["run", "--config", self.config.to_str().unwrap(), "--log", "stderr"])
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("FLASHBAY_LOG", "debug")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut daemon = Self {
+            child,
+            config: self.config.clone(),
+            header: self.header.clone(),
+            status: self.status.clone(),
+            log,
+            notify,
+            messages: Vec::new(),
+        };
+        daemon.wait_notified("READY=1", Duration::from_secs(15));
+        daemon
+    }
+
+    /// The value of one key of the fixture's header (`state_dir`, `cache_dir`).
+    pub fn dir(&self, key: &str) -> PathBuf {
+        let prefix = format!("{key}: ");
+        PathBuf::from(self.header.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap())
+    }
+
     /// Replaces the configuration file (keeping the fixture's paths).
     pub fn rewrite(&self, yaml: &str) {
         fs::write(&self.config, format!("{}{yaml}", self.header)).unwrap();

@@ -1,0 +1,212 @@
+//! "done" must mean done: each test here is a way a card used to end
+//! `done` (or look flashed) without holding the image, run through the real
+//! daemon, real udev and real loop devices.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+use crate::bed::{self, MIB, Reader, first_difference};
+use crate::station::{Daemon, Throttle, UdevRule, slot_of, slots_yaml};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn history(d: &Daemon) -> Vec<Value> {
+    let text = fs::read_to_string(d.dir("state_dir").join("history.jsonl")).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+/// One byte of the decompressed cache changes after preparation (the
+/// station's own SD card rots): the next card fails, naming the byte, the
+/// cache is rebuilt from the source, and the card after that is exact.
+#[test]
+fn damaged_cache_fails_the_card_and_is_rebuilt() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let image = bed.random_image("img", 12 * MIB, 91);
+    let xz = bed.compress(&image, "xz");
+    let d = Daemon::start(&bed, &format!("image: {}\n{}", xz.display(), slots_yaml(&[("A1", &reader)])));
+    let first = bed.card("first", 16 * MIB);
+    let inserted = reader.insert(&first);
+    d.wait_slot("A1", "done", LONG);
+    drop(inserted);
+    d.wait_slot("A1", "empty", LONG);
+
+    let cache: Vec<_> = fs::read_dir(d.dir("cache_dir"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "img"))
+        .collect();
+    assert_eq!(cache.len(), 1, "{cache:?}");
+    let offset = 5 * MIB + 123;
+    let copy = fs::OpenOptions::new().write(true).open(&cache[0]).unwrap();
+    copy.write_all_at(&[!bed::read_at(&image, offset, 1)[0]], offset).unwrap();
+    drop(copy);
+
+    let second = bed.card("second", 16 * MIB);
+    let inserted = reader.insert(&second);
+    let slot = d.wait_until(
+        "the card on the damaged cache to end",
+        LONG,
+        |_| {},
+        |s| matches!(slot_of(s, "A1")["state"].as_str(), Some("done" | "failed")),
+    );
+    let slot = slot_of(&slot, "A1");
+    assert_eq!(slot["state"], "failed", "a card written from a damaged cache ended {slot}");
+    let error = slot["error"].as_str().unwrap();
+    assert!(error.contains(&format!("does not match the image at byte {}", 5 * MIB)), "{error}");
+    assert!(error.contains(xz.to_str().unwrap()), "names the configured image: {error}");
+    assert!(bed::read_at(&second, 0, MIB as usize).iter().all(|&b| b == 0), "the failed card got a table");
+    drop(inserted);
+    d.wait_slot("A1", "empty", LONG);
+
+    // Rebuilt from the source: the copy is the image again, and cards are exact.
+    let third = bed.card("third", 16 * MIB);
+    let inserted = reader.insert(&third);
+    d.wait_slot("A1", "done", LONG);
+    drop(inserted);
+    assert_eq!(first_difference(&image, &cache[0], 12 * MIB), None, "the cache was not rebuilt");
+    assert_eq!(first_difference(&image, &third, 12 * MIB), None);
+
+    let lines = history(&d);
+    let results: Vec<_> = lines.iter().map(|l| l["state"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(results, ["done", "failed", "done"]);
+    let sha = bed::sha256(&image);
+    for line in &lines {
+        assert_eq!(line["image_sha256"], sha.as_str(), "{line}");
+    }
+    assert_eq!(lines[0]["verified"], true);
+    assert_eq!(lines[1]["verified"], false);
+}
+
+/// A raw image replaced under the same name (renamed over, or rewritten in
+/// place) is prepared again before the next card: that card holds the new
+/// image and the status page shows the new SHA-256.
+#[test]
+fn raw_image_replaced_under_the_same_name_is_prepared_again() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let path = bed.path("os.img");
+    let v1 = bed.random_image("v1", 8 * MIB, 5);
+    let v2 = bed.random_image("v2", 8 * MIB, 6);
+    let v3 = bed.random_image("v3", 8 * MIB, 7);
+    fs::copy(&v1, &path).unwrap();
+    let d = Daemon::start(&bed, &format!("image: {}\n{}", path.display(), slots_yaml(&[("A1", &reader)])));
+
+    let flash = |name: &str| {
+        let card = bed.card(name, 16 * MIB);
+        let inserted = reader.insert(&card);
+        let status = d.wait_until("done", LONG, |_| {}, |s| slot_of(s, "A1")["state"] == "done");
+        drop(inserted);
+        d.wait_slot("A1", "empty", LONG);
+        (card, status["images"][0]["sha256"].as_str().unwrap().to_owned())
+    };
+    let (card, sha) = flash("c1");
+    assert_eq!((first_difference(&v1, &card, 8 * MIB), sha), (None, bed::sha256(&v1)));
+
+    // Renamed over: a new inode under the old name.
+    let tmp = bed.path("os.img.new");
+    fs::copy(&v2, &tmp).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    let (card, sha) = flash("c2");
+    assert_eq!((first_difference(&v2, &card, 8 * MIB), sha), (None, bed::sha256(&v2)));
+
+    // Rewritten in place: same inode, new bytes.
+    fs::write(&path, fs::read(&v3).unwrap()).unwrap();
+    let (card, sha) = flash("c3");
+    assert_eq!((first_difference(&v3, &card, 8 * MIB), sha), (None, bed::sha256(&v3)));
+}
+
+/// `kill -9` mid-job (a crash, a watchdog restart): after the restart the
+/// slot is `failed: interrupted by restart`, not `present`, and a card that
+/// looked flashed (as one killed mid-resize does) has lost its table.
+#[test]
+fn kill_9_mid_job_fails_the_card_after_restart_and_blanks_it() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let image = bed.os_image("os.img", bed::Table::Gpt);
+    let mut d = Daemon::start(&bed, &format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)])));
+    let slow = Throttle::new(d.pid(), &[&reader], 4 * MIB);
+    let card = bed.card("card", 160 * MIB);
+    let _inserted = reader.insert(&card);
+    d.wait_until("writing", LONG, |_| {}, |s| slot_of(s, "A1")["bytes_written"].as_u64() > Some(2 * MIB));
+    d.signal(Signal::SIGKILL);
+    d.wait_exit(Duration::from_secs(5)).expect("kill -9");
+    drop(slow);
+    // What a kill during expand or resize leaves: a complete, valid-looking table.
+    let head = bed::read_at(&image, 0, MIB as usize);
+    fs::OpenOptions::new().write(true).open(&card).unwrap().write_all_at(&head, 0).unwrap();
+    let before = d.slot("A1");
+
+    let d = d.restart();
+    let slot = d.wait_until("the slot to settle", LONG, |_| {}, |s| slot_of(s, "A1")["device"].is_string());
+    let slot = slot_of(&slot, "A1");
+    assert_eq!(slot["state"], "failed", "{slot}");
+    assert_eq!(slot["error"], "interrupted by restart");
+    assert_eq!(slot["diskseq"], before["diskseq"]);
+    assert!(bed::read_at(&card, 0, MIB as usize).iter().all(|&b| b == 0), "the interrupted card kept its table");
+    let lines = history(&d);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["error"], "interrupted by restart");
+    assert!(!d.dir("state_dir").join("jobs/A1.json").exists(), "the record is taken once");
+}
+
+/// Lowering `concurrency` while two jobs run and raising it again at once
+/// must leave two writers, not one.
+#[test]
+fn concurrency_lowered_then_raised_keeps_every_writer() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let readers = [Reader::new(), Reader::new()];
+    let image = bed.random_image("img", 8 * MIB, 33);
+    let slots = slots_yaml(&[("A1", &readers[0]), ("A2", &readers[1])]);
+    let yaml = |n: usize| format!("image: {}\nconcurrency: {n}\n{slots}", image.display());
+    let d = Daemon::start(&bed, &yaml(2));
+    let _slow = Throttle::new(d.pid(), &readers.iter().collect::<Vec<_>>(), 4 * MIB);
+    let both_writing = |s: &Value| ["A1", "A2"].iter().all(|n| slot_of(s, n)["state"] == "writing");
+
+    let cards: Vec<_> = (0..2).map(|i| bed.card(&format!("a{i}"), 16 * MIB)).collect();
+    let inserted: Vec<_> = readers.iter().zip(&cards).map(|(r, c)| r.insert(c)).collect();
+    d.wait_until("two writers", LONG, |_| {}, both_writing);
+    for n in [1, 2] {
+        d.rewrite(&yaml(n));
+        d.signal(Signal::SIGHUP);
+        d.wait_until("the reload", LONG, |_| {}, |s| s["concurrency"] == n);
+    }
+    d.wait_until("both done", LONG, |_| {}, |s| ["A1", "A2"].iter().all(|n| slot_of(s, n)["state"] == "done"));
+    drop(inserted);
+    d.wait_until("both empty", LONG, |_| {}, |s| ["A1", "A2"].iter().all(|n| slot_of(s, n)["state"] == "empty"));
+
+    let cards: Vec<_> = (0..2).map(|i| bed.card(&format!("b{i}"), 16 * MIB)).collect();
+    let _inserted: Vec<_> = readers.iter().zip(&cards).map(|(r, c)| r.insert(c)).collect();
+    d.wait_until("two writers again", LONG, |_| {}, both_writing);
+}
+
+/// The writes that make a card look flashed or not (the final table, the
+/// blanking) happen only on the card the job was for: with another DISKSEQ
+/// in the reader, nothing is written.
+#[test]
+fn blanking_checks_the_card_is_still_the_one() {
+    let bed = bed!();
+    let image = bed.os_image("os.img", bed::Table::Mbr);
+    let card = bed.card("card", 160 * MIB);
+    fs::write(&card, fs::read(&image).unwrap()).unwrap();
+    bed::run("truncate", &["-s", &(160 * MIB).to_string(), card.to_str().unwrap()]);
+    let dev = bed.attach(&card);
+    let seq: u64 =
+        fs::read_to_string(format!("/sys/class/block/{}/diskseq", dev.name())).unwrap().trim().parse().unwrap();
+    bed::settle();
+
+    let err = flashbay::pipeline::blank_card(&dev.dev, Some(seq + 1000)).unwrap_err().to_string();
+    assert!(err.contains("the card was changed"), "{err}");
+    assert_eq!(bed::read_at(&card, 0, MIB as usize), bed::read_at(&image, 0, MIB as usize), "another card was blanked");
+
+    flashbay::pipeline::blank_card(&dev.dev, Some(seq)).unwrap();
+    assert!(bed::read_at(&card, 0, MIB as usize).iter().all(|&b| b == 0));
+}
