@@ -67,13 +67,10 @@ pub fn read(dev: &Path) -> Result<Option<Table>, ToolError> {
         if out.stderr.contains("does not contain a recognized partition table") {
             return Ok(None);
         }
-        return Err(ToolError::Failed { tool: "sfdisk", status: format!("{:?}", out.code), output: out.text() });
+        return Err(out.error());
     }
-    let dump: Dump = serde_json::from_str(&out.stdout).map_err(|e| ToolError::Failed {
-        tool: "sfdisk",
-        status: "unreadable output".into(),
-        output: e.to_string(),
-    })?;
+    let dump: Dump = serde_json::from_str(&out.stdout)
+        .map_err(|e| ToolError::Unreadable { tool: "sfdisk", detail: e.to_string() })?;
     Ok(Some(dump.partitiontable))
 }
 
@@ -84,7 +81,7 @@ pub fn update_kernel(dev: &Path) -> Result<(), ToolError> {
     match out.code {
         Some(0) => Ok(()),
         _ if out.stderr.contains("failed to read partition table") => Ok(()),
-        _ => Err(ToolError::Failed { tool: "partx", status: format!("{:?}", out.code), output: out.text() }),
+        _ => Err(out.error()),
     }
 }
 

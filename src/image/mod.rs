@@ -1,7 +1,8 @@
 //! Image sources: what an image file is, how big it is raw, and its bytes.
 //!
-//! [`Image::open`] classifies a file by magic bytes and reads the raw size
-//! from the format's index where one exists. [`Image::reader`] streams the
+//! [`Image::open`] classifies a file by magic bytes, and a compressed
+//! file's first decoded bytes the same way, and reads the raw size from the
+//! format's index where one exists. [`Image::reader`] streams the
 //! raw bytes and turns every kind of damage into an [`ImageError`]; a stream
 //! that decodes to the wrong length is damage too. [`Image::measure`] makes
 //! one full pass for the raw size and SHA-256, which is what `image inspect`
@@ -32,8 +33,9 @@ pub enum ImageError {
     NotAFile { path: PathBuf },
     #[error("{}: image is empty", path.display())]
     Empty { path: PathBuf },
+    /// Not a disk image, or one we cannot stream; the hint says what to do.
     #[error("{}: {hint}", path.display())]
-    Unsupported { path: PathBuf, hint: &'static str },
+    Unsupported { path: PathBuf, hint: String },
     #[error("{}: corrupt {format} stream at compressed offset {offset}: {detail}", path.display())]
     Corrupt { path: PathBuf, format: Format, offset: u64, detail: String },
     #[error("{}: truncated {format} stream: the file ends at compressed offset {offset}, inside the stream", path.display())]
@@ -75,9 +77,12 @@ pub struct Measured {
 }
 
 impl Image {
+    /// Opens and classifies an image. A compressed image is decoded for its
+    /// first few KiB too: what it holds must be a disk image as well, not a
+    /// tar archive or a VM disk that would decode fine and never boot.
     pub fn open(path: &Path) -> Result<Self, ImageError> {
         let (file, len) = open_file(path)?;
-        let mut head = [0u8; format::MAGIC_LEN];
+        let mut head = vec![0u8; format::HEAD_LEN];
         let n = read_head(&file, &mut head).map_err(|source| ImageError::Read {
             path: path.to_owned(),
             offset: 0,
@@ -86,15 +91,23 @@ impl Image {
         if len == 0 {
             return Err(ImageError::Empty { path: path.to_owned() });
         }
+        let unsupported = |hint| ImageError::Unsupported { path: path.to_owned(), hint };
         let format = match format::detect(&head[..n]) {
             format::Detected::Supported(format) => format,
-            format::Detected::Unsupported(hint) => return Err(ImageError::Unsupported { path: path.to_owned(), hint }),
+            format::Detected::Unsupported(foreign) => return Err(unsupported(foreign.hint(Format::Raw))),
         };
         let raw_size = size::from_index(&file, format, len);
         if raw_size == Some(0) {
             return Err(ImageError::Empty { path: path.to_owned() });
         }
-        Ok(Self { path: path.to_owned(), format, compressed_size: len, raw_size, file: std::sync::Arc::new(file) })
+        let image =
+            Self { path: path.to_owned(), format, compressed_size: len, raw_size, file: std::sync::Arc::new(file) };
+        if format != Format::Raw {
+            // The raw head was classified above, with the same table.
+            let n = image.reader()?.fill(&mut head)?;
+            format::inner(format, &head[..n]).map_err(unsupported)?;
+        }
+        Ok(image)
     }
 
     /// A fresh stream of the raw bytes, from the start. Reopening the open

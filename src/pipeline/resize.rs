@@ -21,7 +21,8 @@ pub(super) fn run(dev: &Path, disk_syspath: &Path) -> Result<Outcome, StageError
         return Err(StageError::Other(format!("partition {number} of {} has no device node", dev.display())));
     };
     let node = node.to_str().unwrap_or_default();
-    let probe = tools::run("blkid", &["-p", "-o", "value", "-s", "TYPE", node], None)?;
+    let on_node = |source| StageError::Partition { node: node.to_owned(), source };
+    let probe = tools::run("blkid", &["-p", "-o", "value", "-s", "TYPE", node], None).map_err(on_node)?;
     let fstype = probe.stdout.trim();
     match fstype {
         "ext2" | "ext3" | "ext4" => {}
@@ -30,18 +31,19 @@ pub(super) fn run(dev: &Path, disk_syspath: &Path) -> Result<Outcome, StageError
     }
     let before = fs_size(node)?;
     // e2fsck: 0 clean, 1 errors fixed; anything else needs a human.
-    let check = tools::run("e2fsck", &["-f", "-p", node], None)?;
+    let check = tools::run("e2fsck", &["-f", "-p", node], None).map_err(on_node)?;
     if !matches!(check.code, Some(0 | 1)) {
-        return Err(StageError::Other(format!("e2fsck {node}: {}", check.text())));
+        return Err(on_node(check.error()));
     }
-    tools::check("resize2fs", &[node], None)?;
+    tools::check("resize2fs", &[node], None).map_err(on_node)?;
     let after = fs_size(node)?;
     Ok(Outcome::done(format!("{fstype} on partition {number} grown from {} to {}", Bytes(before), Bytes(after))))
 }
 
 /// Size of an ext filesystem in bytes, from its superblock (dumpe2fs -h).
 fn fs_size(node: &str) -> Result<u64, StageError> {
-    let out = tools::check("dumpe2fs", &["-h", node], None)?;
+    let out = tools::check("dumpe2fs", &["-h", node], None)
+        .map_err(|source| StageError::Partition { node: node.to_owned(), source })?;
     let field = |name: &str| -> Option<u64> {
         out.stdout.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok())
     };
@@ -55,6 +57,9 @@ fn fs_size(node: &str) -> Result<u64, StageError> {
 pub(super) enum StageError {
     #[error(transparent)]
     Tool(#[from] ToolError),
+    /// A tool failed on the partition (e2fsck names it by label, if at all).
+    #[error("{node}: {source}")]
+    Partition { node: String, source: ToolError },
     #[error("{0}")]
     Other(String),
 }

@@ -28,6 +28,9 @@ macro_rules! bed {
     () => {
         bed!(@check $crate::bed::Bed::new())
     };
+    (needs $tools:expr) => {
+        bed!(@check $crate::bed::Bed::new().and_then(|b| b.require_tools($tools).map(|()| b)))
+    };
     (@check $bed:expr) => {
         match $bed {
             Ok(bed) => bed,
@@ -86,6 +89,14 @@ impl Bed {
             return Err("no cgroup v1 blkio controller for slow cards".into());
         }
         Ok(())
+    }
+
+    /// Tools only some tests use (qemu-img, tar); scripts/deps --tests installs them.
+    pub fn require_tools(&self, tools: &[&str]) -> Result<(), String> {
+        match tools.iter().find(|t| which(t).is_none()) {
+            Some(tool) => Err(format!("{tool} is not installed (run scripts/test, which installs it)")),
+            None => Ok(()),
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

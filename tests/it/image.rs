@@ -75,3 +75,78 @@ fn unsupported_empty_and_garbage_trailed_images_are_errors() {
         assert!(stderr.contains(message), "{}: {stderr}", path.display());
     }
 }
+
+/// A minimal valid Android sparse image (what img2simg writes): a 28-byte
+/// file header, then one raw chunk of one 4 KiB block and one "don't care"
+/// chunk of one block.
+fn android_sparse(path: &std::path::Path) {
+    const BLOCK: u32 = 4096;
+    let mut out = Vec::new();
+    out.extend(0xED26_FF3A_u32.to_le_bytes());
+    for half in [1u16, 0, 28, 12] {
+        // major, minor version; file and chunk header sizes
+        out.extend(half.to_le_bytes());
+    }
+    for word in [BLOCK, 2, 2, 0] {
+        // block size, blocks, chunks, checksum (0: none)
+        out.extend(word.to_le_bytes());
+    }
+    out.extend([0xc1, 0xca, 0, 0]); // raw chunk
+    out.extend(1u32.to_le_bytes());
+    out.extend((12 + BLOCK).to_le_bytes());
+    out.extend(std::iter::repeat_n(0x5a, BLOCK as usize));
+    out.extend([0xc3, 0xca, 0, 0]); // don't care chunk
+    out.extend(1u32.to_le_bytes());
+    out.extend(12u32.to_le_bytes());
+    fs::write(path, out).unwrap();
+}
+
+/// Images whose compression decodes fine but that hold no disk image (a
+/// tar archive, a VM disk, a sparse image, a second compressor), and a raw
+/// tar archive: `image inspect` and `write` refuse them in one line with a
+/// hint, exit non-zero, and the card keeps every byte.
+#[test]
+fn archives_and_vm_disks_inside_compressors_are_refused_and_the_card_is_untouched() {
+    let bed = bed!(needs & ["tar", "qemu-img"]);
+    let disk = bed.random_image("os.img", 3 * MIB, 21);
+    let dir = bed.dir.path().to_str().unwrap();
+    let tar_xz = bed.path("os.img.tar.xz");
+    bed::run("tar", &["-cJf", tar_xz.to_str().unwrap(), "-C", dir, "os.img"]);
+    let tar = bed.path("os.img.tar");
+    bed::run("tar", &["-cf", tar.to_str().unwrap(), "--format=gnu", "-C", dir, "os.img"]);
+    let qcow2 = bed.path("os.qcow2");
+    bed::run("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", disk.to_str().unwrap(), qcow2.to_str().unwrap()]);
+    let sparse = bed.path("os.simg");
+    android_sparse(&sparse);
+    let cases = [
+        (tar_xz, "xz-compressed tar archive: extract the disk image first (tar -xJf)"),
+        (tar, "tar archive: extract the disk image first (tar -xf)"),
+        (
+            bed.compress(&qcow2, "gz"),
+            "gzip-compressed qcow2 disk image: decompress it, then convert it (gunzip, then qemu-img convert -O raw)",
+        ),
+        (
+            bed.compress(&sparse, "zst"),
+            "zstd-compressed Android sparse image: decompress it, then convert it (unzstd, then simg2img)",
+        ),
+        (
+            bed.compress(&bed.compress(&disk, "gz"), "xz"),
+            "xz-compressed gzip stream: decompress it twice (unxz, then gunzip)",
+        ),
+    ];
+
+    let card = bed.card("card", 16 * MIB);
+    let before = bed::sha256(&card);
+    let dev = bed.attach(&card);
+    for (path, hint) in &cases {
+        let path = path.to_str().unwrap();
+        for args in [&["image", "inspect", path][..], &["write", path, dev.path()]] {
+            let out = bed.flashbay(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+            assert_eq!(stderr.trim_end(), format!("error: {path}: {hint}"), "{args:?}");
+        }
+    }
+    drop(dev);
+    assert_eq!(bed::sha256(&card), before, "the card was written to");
+}

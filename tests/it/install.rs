@@ -27,9 +27,14 @@ fn systemd_unit_verifies_and_is_hardened() {
     let line = text.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("{text}"));
     let exposure: f64 = line.split(": ").nth(1).and_then(|s| s.split_whitespace().next()).unwrap().parse().unwrap();
     assert!(exposure <= 3.0, "{line}");
-    for setting in
-        ["Type=notify", "WatchdogSec=", "Restart=on-failure", "StateDirectory=flashbay", "CacheDirectory=flashbay"]
-    {
+    for setting in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "StateDirectory=flashbay",
+        "CacheDirectory=flashbay",
+        "KillMode=mixed",
+    ] {
         assert!(UNIT.contains(setting), "{setting}");
     }
 }
