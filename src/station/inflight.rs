@@ -91,8 +91,7 @@ pub fn recover(jobs: &[InFlight]) {
     for job in jobs {
         let dev = job.devnode.display();
         // Only the very card: same boot, same port, same media.
-        let at_port = fs::canonicalize(Path::new("/dev/disk/by-path").join(&job.port))
-            .is_ok_and(|p| fs::canonicalize(&job.devnode).is_ok_and(|d| d == p));
+        let at_port = port_of(&job.devnode).is_some_and(|p| p == job.port);
         if job.boot_id != boot || job.diskseq.is_none() || !at_port {
             tracing::warn!(slot = %job.slot, "{}: interrupted by restart; its card cannot be identified any more", job.slot);
             continue;
@@ -110,6 +109,13 @@ pub fn recover(jobs: &[InFlight]) {
             ),
         }
     }
+}
+
+/// The udev `ID_PATH` of a disk, as the slots know ports.
+fn port_of(devnode: &Path) -> Option<String> {
+    let name = devnode.file_name()?.to_str()?;
+    let device = udev::Device::from_subsystem_sysname("block".into(), name.into()).ok()?;
+    device.property_value("ID_PATH").map(|v| v.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]

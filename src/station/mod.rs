@@ -424,7 +424,12 @@ impl Station {
         };
         if same {
             // udev may add properties later (serial, model); keep the freshest.
+            let first_sight = slot.card.is_none();
             slot.card = Some(card);
+            if first_sight {
+                // The card of a job a restart interrupted, seen again.
+                self.slot_changed(i);
+            }
             return;
         }
         slot.media = ev.diskseq;

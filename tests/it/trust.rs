@@ -210,3 +210,33 @@ fn blanking_checks_the_card_is_still_the_one() {
     flashbay::pipeline::blank_card(&dev.dev, Some(seq)).unwrap();
     assert!(bed::read_at(&card, 0, MIB as usize).iter().all(|&b| b == 0));
 }
+
+/// A `.tar.xz` of a disk image used to be decoded and written raw, and the
+/// card reported done: now the image fails with a hint, no card touched.
+#[test]
+fn archive_inside_a_compressor_fails_the_slot_without_touching_the_card() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let image = bed.random_image("disk.img", 4 * MIB, 12);
+    let tarxz = bed.path("disk.img.tar.xz");
+    bed::run("tar", &["-cJf", tarxz.to_str().unwrap(), "-C", bed.path("").to_str().unwrap(), "disk.img"]);
+    let d = Daemon::start(&bed, &format!("image: {}\n{}", tarxz.display(), slots_yaml(&[("A1", &reader)])));
+    let card = bed.card("card", 16 * MIB);
+    bed::run(
+        "dd",
+        &["if=/dev/urandom", &format!("of={}", card.display()), "bs=1M", "count=16", "conv=notrunc", "status=none"],
+    );
+    let before = bed::sha256(&card);
+    let _inserted = reader.insert(&card);
+    let slot = d.wait_until(
+        "the slot to end",
+        LONG,
+        |_| {},
+        |s| matches!(slot_of(s, "A1")["state"].as_str(), Some("done" | "failed")),
+    );
+    let slot = slot_of(&slot, "A1");
+    assert_eq!(slot["state"], "failed", "{slot}");
+    assert!(slot["error"].as_str().unwrap().contains("tar archive: extract the disk image first"), "{slot}");
+    assert_eq!(bed::sha256(&card), before, "the card was written");
+}
