@@ -15,5 +15,6 @@ mod image;
 mod install;
 mod observe;
 mod post;
+mod probe;
 mod station;
 mod write;
