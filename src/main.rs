@@ -288,8 +288,8 @@ fn write(image: &Path, target: &Path, opts: &Options, quiet: bool, json: bool) -
 fn probe(device: &Path, force: bool, json: bool) -> anyhow::Result<ExitCode> {
     let cancel = interruptible()?;
     let target = flashbay::probe::open(device, &Guard::default(), force)?;
-    // The whole card: there is no image on it to keep, and the probe puts
-    // back every block it stamps.
+    // The whole card, from byte 0: the probe puts back every block it
+    // stamps, so nothing on the card needs keeping out of its way.
     let report = flashbay::probe::probe(&target, 0, &cancel)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -110,6 +110,26 @@ fn a_card_dropping_writes_is_counterfeit_and_its_image_survives() {
     assert_eq!(bed::sha256(&card.backing), before, "the image (or the rest) changed");
 }
 
+/// A bad spot fails the probe with an error naming the device and the
+/// offset, after the blocks stamped so far have been put back.
+#[test]
+fn an_io_error_names_device_and_offset_and_the_card_is_restored() {
+    let bed = bed!();
+    // 130 MiB is on the spread pass's 2 MiB stride above 64 MiB: the probe
+    // has stamped the blocks below it by then.
+    let (card, before) = fake_card(&bed, "bad", |c| c.eio_at(130 * MIB));
+    let target = Target::open(&card.dev.dev, Access::Write).unwrap();
+    let err = probe::probe(&target, REAL, &Cancel::default()).unwrap_err();
+    assert!(
+        matches!(&err, probe::ProbeError::Io { device, offset, .. } if *device == card.dev.dev && *offset == 130 * MIB),
+        "{err:?}"
+    );
+    assert!(err.to_string().starts_with(&format!("{}: probe read failed at offset {}: ", card.dev.path(), 130 * MIB)));
+    drop(target);
+    assert!(card.card.writes() > 2, "nothing was stamped before the bad spot");
+    assert_eq!(bed::sha256(&card.backing), before, "the stamped blocks were not put back");
+}
+
 /// `flashbay probe` probes the whole card (the image region included) and
 /// still puts everything back; exit status 4 for a counterfeit card.
 #[test]
