@@ -59,6 +59,7 @@ fn probe_cli(bed: &Bed, dev: &str) -> (Option<i32>, String, Value) {
     assert_eq!(report["claimed"], CLAIMED);
     assert!(report["blocks_checked"].as_u64().is_some_and(|n| n > 0), "{report}");
     assert!(report["seconds"].as_f64().is_some_and(|s| s < 10.0), "{report}");
+    eprintln!("flashbay probe: {} ({} s)", stdout.trim_end(), report["seconds"]);
     (out.status.code(), stdout.trim_end().to_owned(), report)
 }
 
@@ -128,6 +129,28 @@ fn an_io_error_names_device_and_offset_and_the_card_is_restored() {
     drop(target);
     assert!(card.card.writes() > 2, "nothing was stamped before the bad spot");
     assert_eq!(bed::sha256(&card.backing), before, "the stamped blocks were not put back");
+}
+
+/// Time is bounded by the number of blocks, not the card's size: a slow
+/// card claiming 64 GiB that drops writes past 8 GiB and 12 KiB is
+/// located to the block well within 10 s.
+#[test]
+fn a_slow_big_fake_is_located_to_the_block_in_seconds() {
+    let bed = bed!();
+    let backing = bed.path("big");
+    fs::File::create(&backing).unwrap().set_len(64 << 30).unwrap();
+    let image = fs::read(bed.random_image("big.img", 16 * MIB, 0xb16)).unwrap();
+    OpenOptions::new().write(true).open(&backing).unwrap().write_all_at(&image, 0).unwrap();
+    let card = FaultyLoop::with_backing(&bed, "big", backing);
+    let real = (8 << 30) + 3 * 4096;
+    card.card.drop_writes_past(real);
+    // About 2 ms per 4 KiB block, as a cheap card's random I/O.
+    card.card.slow(2 * MIB);
+    let report = probe_lib(&card.dev.dev, 16 * MIB);
+    assert!(!report.genuine, "{report:?}");
+    assert_eq!(report.usable, real);
+    card.card.slow(0);
+    assert_eq!(bed::first_difference(&bed.path("big.img"), &card.backing, 16 * MIB), None, "the image changed");
 }
 
 /// `flashbay probe` probes the whole card (the image region included) and
