@@ -294,7 +294,7 @@ struct Prober<'a> {
     saved: Vec<(u64, AlignedBuf)>,
     /// Every stamped block and what reading it back showed.
     seen: BTreeMap<u64, Verdict>,
-    /// The last wrap found: blocks at or above it are bad, whatever they read.
+    /// The wrap found, if any: blocks at or above it are bad, whatever they read.
     wraps_at: Option<u64>,
     buf: AlignedBuf,
     expected: Vec<u8>,
