@@ -51,6 +51,7 @@ pub mod guard;
 pub mod image;
 pub mod learn;
 pub mod pipeline;
+pub mod probe;
 pub mod progress;
 pub mod report;
 pub mod station;

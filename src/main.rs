@@ -9,6 +9,7 @@ use flashbay::config::Config;
 use flashbay::guard::Guard;
 use flashbay::image::Image;
 use flashbay::pipeline::{self, Cancel, EjectMode, JobError, Options};
+use flashbay::probe::ProbeError;
 use flashbay::progress::Progress;
 use flashbay::report::journal::{self, Target};
 
@@ -107,6 +108,17 @@ enum Command {
         #[command(flatten)]
         io: IoArgs,
     },
+    /// Check a card holds what it claims (counterfeit cards wrap or drop writes); puts every byte back
+    Probe {
+        /// Whole-disk block device (e.g. /dev/sdb)
+        device: PathBuf,
+        /// Allow a fixed (non-removable, non-USB) disk; never allows the system disk
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON on stdout
+        #[arg(long)]
+        json: bool,
+    },
     /// Work with image files
     Image {
         #[command(subcommand)]
@@ -154,12 +166,17 @@ fn main() -> ExitCode {
         _ => journal::init(Target::Stderr, "warn"),
     }
     match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             for line in one_line(&err).lines() {
                 eprintln!("error: {line}");
             }
-            ExitCode::from(err.downcast_ref::<JobError>().map_or(1, JobError::exit_code))
+            let code = match (err.downcast_ref::<JobError>(), err.downcast_ref::<ProbeError>()) {
+                (Some(job), _) => job.exit_code(),
+                (None, Some(probe)) => probe.exit_code(),
+                (None, None) => 1,
+            };
+            ExitCode::from(code)
         }
     }
 }
@@ -180,8 +197,8 @@ fn one_line(err: &anyhow::Error) -> String {
     text
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let done = match cli.command {
         Command::Run { config, .. } => block_on(flashbay::daemon::run(config)),
         Command::Status { url, config, json } => status(url.as_deref(), &config, json),
         Command::Learn { config, write, prefix } => block_on(async move {
@@ -237,7 +254,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
+        Command::Probe { device, force, json } => return probe(&device, force, json),
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// Runs an async command to completion; a job stuck in the kernel on a
@@ -262,6 +281,22 @@ fn write(image: &Path, target: &Path, opts: &Options, quiet: bool, json: bool) -
         println!("{}", serde_json::to_string_pretty(&report)?);
     }
     Ok(())
+}
+
+/// Exit status 0 for a genuine card, 4 for a counterfeit one (it cannot
+/// hold an image of its claimed size, as a failed verification).
+fn probe(device: &Path, force: bool, json: bool) -> anyhow::Result<ExitCode> {
+    let cancel = interruptible()?;
+    let target = flashbay::probe::open(device, &Guard::default(), force)?;
+    // The whole card, from byte 0: the probe puts back every block it
+    // stamps, so nothing on the card needs keeping out of its way.
+    let report = flashbay::probe::probe(&target, 0, &cancel)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}: {report}", device.display());
+    }
+    Ok(if report.genuine { ExitCode::SUCCESS } else { ExitCode::from(4) })
 }
 
 fn status(url: Option<&str>, config: &Path, json: bool) -> anyhow::Result<()> {

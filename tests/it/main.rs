@@ -15,6 +15,7 @@ mod image;
 mod install;
 mod observe;
 mod post;
+mod probe;
 mod station;
 mod trust;
 mod write;
