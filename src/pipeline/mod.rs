@@ -150,6 +150,11 @@ pub enum JobError {
     ImageChanged { image: PathBuf, offset: u64 },
     #[error("{}: interrupted", device.display())]
     Cancelled { device: PathBuf },
+    #[error(transparent)]
+    Probe(#[from] crate::probe::ProbeError),
+    /// The card's real capacity is less than it claims.
+    #[error("{}: {report}", report.device.display())]
+    Counterfeit { report: Box<crate::probe::ProbeReport> },
     #[error("{}: {} failed: {message}", device.display(), stage.name())]
     Stage { device: PathBuf, stage: Stage, message: String },
     #[error("internal error: {0}")]
@@ -162,7 +167,7 @@ impl JobError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Refused(_) => 3,
-            Self::Mismatch { .. } => 4,
+            Self::Mismatch { .. } | Self::Counterfeit { .. } => 4,
             Self::Cancelled { .. } => 130,
             _ => 1,
         }
@@ -321,7 +326,16 @@ impl Job<'_> {
             self.stages.run(Stage::Verify, || {
                 let reference = verify::Reference::Blocks(blocks);
                 sha = verify::run(target, reference, raw_size, opts.chunk_size, opts.hash, observer, cancel)?;
-                Ok(Outcome::done("the card matches the image"))
+                if target.kind() != Kind::BlockDevice {
+                    return Ok(Outcome::done("the card matches the image"));
+                }
+                // Before anything grows into the space past the image: is
+                // it really there? (A fake card wraps or drops writes.)
+                let report = crate::probe::probe(target, raw_size, cancel)?;
+                if !report.genuine {
+                    return Err(JobError::Counterfeit { report: Box::new(report) });
+                }
+                Ok(Outcome::done(format!("the card matches the image; {report}")))
             })?;
             sha
         } else {

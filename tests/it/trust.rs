@@ -218,7 +218,7 @@ fn archive_inside_a_compressor_fails_the_slot_without_touching_the_card() {
     let bed = bed!(udev);
     let _rule = UdevRule::install();
     let reader = Reader::new();
-    let image = bed.random_image("disk.img", 4 * MIB, 12);
+    bed.random_image("disk.img", 4 * MIB, 12);
     let tarxz = bed.path("disk.img.tar.xz");
     bed::run("tar", &["-cJf", tarxz.to_str().unwrap(), "-C", bed.path("").to_str().unwrap(), "disk.img"]);
     let d = Daemon::start(&bed, &format!("image: {}\n{}", tarxz.display(), slots_yaml(&[("A1", &reader)])));
@@ -239,4 +239,39 @@ fn archive_inside_a_compressor_fails_the_slot_without_touching_the_card() {
     assert_eq!(slot["state"], "failed", "{slot}");
     assert!(slot["error"].as_str().unwrap().contains("tar archive: extract the disk image first"), "{slot}");
     assert_eq!(bed::sha256(&card), before, "the card was written");
+}
+
+/// A card claiming 256 MiB that holds 64 MiB and wraps around: the image
+/// (16 MiB) verifies, but the card must not be grown to its fake size and
+/// called done. It fails as counterfeit, with its table blanked.
+#[test]
+fn counterfeit_card_fails_before_it_is_expanded() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let image = bed.os_image_with("os.img", &bed::OsSpec { table: bed::Table::Mbr, ..bed::OsSpec::default() });
+    let yaml =
+        format!("image: {}\nexpand: true\nresize: true\n{}", image.path.display(), slots_yaml(&[("A1", &reader)]));
+    let d = Daemon::start(&bed, &yaml);
+    let mnt = bed.path("fuse");
+    fs::create_dir_all(&mnt).unwrap();
+    let backing = bed.card("fake", 1024 * MIB);
+    let fake = crate::fusecard::FaultyCard::mount(&backing, &mnt);
+    fake.wrap_at(160 * MIB);
+    let inserted = reader.insert(&fake.file()); // dropped before `fake`
+    let status = d.wait_until(
+        "the fake card to end",
+        LONG,
+        |_| {},
+        |s| matches!(slot_of(s, "A1")["state"].as_str(), Some("done" | "failed")),
+    );
+    let slot = slot_of(&status, "A1");
+    assert_eq!(slot["state"], "failed", "{slot}");
+    let error = slot["error"].as_str().unwrap();
+    // The located capacity is approximate for a wrap at a size that is not
+    // a power of two; what matters is the verdict, before any growth.
+    assert!(error.contains("counterfeit card: about ") && error.ends_with("usable of 1.0 GiB claimed"), "{error}");
+    assert!(!error.contains('\n'));
+    assert!(bed::read_at(&backing, 0, MIB as usize).iter().all(|&b| b == 0), "the fake card kept its table");
+    drop(inserted);
 }
