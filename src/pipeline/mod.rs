@@ -220,9 +220,10 @@ pub struct Report {
     pub target: PathBuf,
     pub diskseq: Option<u64>,
     pub raw_size: u64,
-    /// SHA-256 of the raw image bytes, computed while the verify pass reads
-    /// the image (off the write path: on a Pi 4 hashing is slower than a
-    /// USB 3 device). `None` after `--no-verify`.
+    /// SHA-256 of the raw image bytes, computed from the card's bytes as
+    /// the verify pass checks them (off the write path: on a Pi 4 hashing is
+    /// slower than a USB 3 device). `None` after `--no-verify`, and in the
+    /// daemon, which knows it from preparation.
     pub sha256: Option<String>,
     /// Every stage that ran, in order.
     pub stages: Vec<StageOutcome>,

@@ -14,6 +14,13 @@ use crate::station::{Daemon, Throttle, UdevRule, slot_of, slots_yaml};
 
 const LONG: Duration = Duration::from_secs(60);
 
+/// Waits until A1's card has ended, done or failed, and returns its slot.
+fn ended(d: &Daemon, what: &str) -> Value {
+    let status =
+        d.wait_until(what, LONG, |_| {}, |s| matches!(slot_of(s, "A1")["state"].as_str(), Some("done" | "failed")));
+    slot_of(&status, "A1")
+}
+
 fn history(d: &Daemon) -> Vec<Value> {
     let text = fs::read_to_string(d.dir("state_dir").join("history.jsonl")).unwrap_or_default();
     text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
@@ -49,13 +56,7 @@ fn damaged_cache_fails_the_card_and_is_rebuilt() {
 
     let second = bed.card("second", 16 * MIB);
     let inserted = reader.insert(&second);
-    let slot = d.wait_until(
-        "the card on the damaged cache to end",
-        LONG,
-        |_| {},
-        |s| matches!(slot_of(s, "A1")["state"].as_str(), Some("done" | "failed")),
-    );
-    let slot = slot_of(&slot, "A1");
+    let slot = ended(&d, "the card on the damaged cache to end");
     assert_eq!(slot["state"], "failed", "a card written from a damaged cache ended {slot}");
     let error = slot["error"].as_str().unwrap();
     assert!(error.contains(&format!("does not match the image at byte {}", 5 * MIB)), "{error}");
@@ -229,13 +230,7 @@ fn archive_inside_a_compressor_fails_the_slot_without_touching_the_card() {
     );
     let before = bed::sha256(&card);
     let _inserted = reader.insert(&card);
-    let slot = d.wait_until(
-        "the slot to end",
-        LONG,
-        |_| {},
-        |s| matches!(slot_of(s, "A1")["state"].as_str(), Some("done" | "failed")),
-    );
-    let slot = slot_of(&slot, "A1");
+    let slot = ended(&d, "the slot to end");
     assert_eq!(slot["state"], "failed", "{slot}");
     assert!(slot["error"].as_str().unwrap().contains("tar archive: extract the disk image first"), "{slot}");
     assert_eq!(bed::sha256(&card), before, "the card was written");
@@ -259,13 +254,7 @@ fn counterfeit_card_fails_before_it_is_expanded() {
     let fake = crate::fusecard::FaultyCard::mount(&backing, &mnt);
     fake.wrap_at(160 * MIB);
     let inserted = reader.insert(&fake.file()); // dropped before `fake`
-    let status = d.wait_until(
-        "the fake card to end",
-        LONG,
-        |_| {},
-        |s| matches!(slot_of(s, "A1")["state"].as_str(), Some("done" | "failed")),
-    );
-    let slot = slot_of(&status, "A1");
+    let slot = ended(&d, "the fake card to end");
     assert_eq!(slot["state"], "failed", "{slot}");
     let error = slot["error"].as_str().unwrap();
     // The located capacity is approximate for a wrap at a size that is not
