@@ -12,6 +12,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,9 @@ pub enum ToolError {
     Spawn { tool: &'static str, source: io::Error },
     #[error("{tool} timed out after {} s", limit.as_secs())]
     TimedOut { tool: &'static str, limit: Duration },
+    /// Its job was cancelled (shutdown, card pulled, operator): killed.
+    #[error("{tool} interrupted")]
+    Interrupted { tool: &'static str },
     /// `status` is e.g. "exit status 4"; `detail` the tool's last words.
     #[error("{tool} failed ({status}): {detail}")]
     Failed { tool: &'static str, status: String, detail: String },
@@ -83,7 +87,19 @@ fn limit(tool: &str) -> Duration {
 /// Runs `tool args…` with `stdin` as input, within the tool's time limit;
 /// any exit status is returned for the caller to judge (`Output::error`).
 pub fn run(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<Output, ToolError> {
-    run_within(tool, args, stdin, limit(tool))
+    run_within(tool, args, stdin, limit(tool), None)
+}
+
+/// As [`run`], and killed as soon as `stop` turns true: a long e2fsck or
+/// resize2fs must not hold up the end of its job (`systemctl stop` gives
+/// the daemon seconds, and the card must be blanked within them).
+pub fn run_until(
+    tool: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+    stop: &AtomicBool,
+) -> Result<Output, ToolError> {
+    run_within(tool, args, stdin, limit(tool), Some(stop))
 }
 
 /// Runs a tool that must succeed (exit status 0).
@@ -92,7 +108,13 @@ pub fn check(tool: &'static str, args: &[&str], stdin: Option<&str>) -> Result<O
     if out.code == Some(0) { Ok(out) } else { Err(out.error()) }
 }
 
-fn run_within(tool: &'static str, args: &[&str], stdin: Option<&str>, limit: Duration) -> Result<Output, ToolError> {
+fn run_within(
+    tool: &'static str,
+    args: &[&str],
+    stdin: Option<&str>,
+    limit: Duration,
+    stop: Option<&AtomicBool>,
+) -> Result<Output, ToolError> {
     let spawn_error = |source: io::Error| match source.kind() {
         io::ErrorKind::NotFound => ToolError::Missing { tool, package: package(tool) },
         _ => ToolError::Spawn { tool, source },
@@ -131,14 +153,15 @@ fn run_within(tool: &'static str, args: &[&str], stdin: Option<&str>, limit: Dur
             // A tool that exits without reading its input says why itself.
             scope.spawn(move || pipe.write_all(text.as_bytes()));
         }
-        let status = group.wait(limit);
+        let status = group.wait(limit, stop);
         // The readers see end-of-file once the whole group is gone.
         (status, stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default())
     });
     tracing::debug!(tool, ?args, ?status, elapsed = ?started.elapsed(), stdout, stderr, "tool finished");
     match status {
-        Ok(Some(status)) => Ok(Output { tool, code: status.code(), stdout, stderr, status }),
-        Ok(None) => Err(ToolError::TimedOut { tool, limit }),
+        Ok(Ended::Exited(status)) => Ok(Output { tool, code: status.code(), stdout, stderr, status }),
+        Ok(Ended::TimedOut) => Err(ToolError::TimedOut { tool, limit }),
+        Ok(Ended::Stopped) => Err(ToolError::Interrupted { tool }),
         Err(source) => Err(ToolError::Spawn { tool, source }),
     }
 }
@@ -150,6 +173,17 @@ fn read_all(pipe: Option<impl Read>) -> String {
         let _ = pipe.read_to_end(&mut bytes);
     }
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// How often a tool run with a stop flag looks at it.
+const STOP_POLL: Duration = Duration::from_millis(50);
+
+/// How a wait for a tool ended.
+#[derive(Debug)]
+enum Ended {
+    Exited(ExitStatus),
+    TimedOut,
+    Stopped,
 }
 
 /// A running tool and its process group, killed and reaped on drop: on a
@@ -172,22 +206,25 @@ impl Group {
         Err(io::Error::other("process id out of range"))
     }
 
-    /// Waits until the tool exits (`Some`) or `limit` passes (`None`, and
-    /// the group is killed). Either way the group is gone afterwards.
-    fn wait(&mut self, limit: Duration) -> io::Result<Option<ExitStatus>> {
-        let exited = self.exited_within(limit)?;
+    /// Waits until the tool exits, `limit` passes or `stop` turns true (the
+    /// group is killed then). Either way the group is gone afterwards.
+    fn wait(&mut self, limit: Duration, stop: Option<&AtomicBool>) -> io::Result<Ended> {
+        let ended = self.exited_within(limit, stop)?;
         // Whatever the tool left running in its group goes with it. Until
         // the tool is reaped, its zombie keeps the group id from reuse.
         self.kill();
         let status = self.child.wait()?;
         self.reaped = true;
-        Ok(exited.then_some(status))
+        Ok(match ended {
+            Ended::Exited(_) => Ended::Exited(status),
+            other => other,
+        })
     }
 
-    /// Blocks on the tool's exit, without reaping it, for at most `limit`.
-    /// A thread does the waiting because only a thread can block on a
-    /// child and be given up on.
-    fn exited_within(&self, limit: Duration) -> io::Result<bool> {
+    /// Blocks on the tool's exit, without reaping it, for at most `limit`,
+    /// looking at `stop` every [`STOP_POLL`]. A thread does the waiting
+    /// because only a thread can block on a child and be given up on.
+    fn exited_within(&self, limit: Duration, stop: Option<&AtomicBool>) -> io::Result<Ended> {
         let pid = self.pid;
         let (tx, rx) = mpsc::sync_channel(1);
         // Not scoped: after a timeout it lives on until the kill that
@@ -201,10 +238,18 @@ impl Group {
             };
             let _ = tx.send(exited);
         })?;
-        match rx.recv_timeout(limit) {
-            Ok(exited) => exited.map(|()| true),
-            Err(mpsc::RecvTimeoutError::Timeout) => Ok(false),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other("the waiting thread ended")),
+        let deadline = Instant::now() + limit;
+        loop {
+            if stop.is_some_and(|s| s.load(Ordering::Relaxed)) {
+                return Ok(Ended::Stopped);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.min(if stop.is_some() { STOP_POLL } else { left })) {
+                Ok(exited) => return exited.map(|()| Ended::Exited(ExitStatus::from_raw(0))),
+                Err(mpsc::RecvTimeoutError::Timeout) if left.is_zero() => return Ok(Ended::TimedOut),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Err(io::Error::other("the waiting thread ended")),
+            }
         }
     }
 
@@ -276,7 +321,7 @@ mod tests {
             tool_pid.to_str().unwrap()
         );
         let started = Instant::now();
-        let err = run_within("sh", &["-c", &script], None, Duration::from_secs(1)).unwrap_err();
+        let err = run_within("sh", &["-c", &script], None, Duration::from_secs(1), None).unwrap_err();
         assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
         assert!(matches!(err, ToolError::TimedOut { tool: "sh", .. }), "{err}");
         assert_eq!(err.to_string(), "sh timed out after 1 s");
@@ -288,8 +333,28 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_job_kills_its_tool_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("tool");
+        let script = format!("echo $$ > {}; exec sleep 60", pid_file.to_str().unwrap());
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = std::sync::Arc::clone(&stop);
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            flag.store(true, Ordering::Relaxed);
+        });
+        let started = Instant::now();
+        let err = run_until("sh", &["-c", &script], None, &stop).unwrap_err();
+        stopper.join().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert_eq!(err.to_string(), "sh interrupted");
+        assert!(is_gone(read_pid(&pid_file)), "the stopped tool survived");
+    }
+
+    #[test]
     fn a_tool_within_its_limit_returns_its_output() {
-        let out = run_within("sh", &["-c", "cat; echo done >&2"], Some("input\n"), Duration::from_secs(30)).unwrap();
+        let out =
+            run_within("sh", &["-c", "cat; echo done >&2"], Some("input\n"), Duration::from_secs(30), None).unwrap();
         assert_eq!((out.code, out.stdout.as_str(), out.stderr.as_str()), (Some(0), "input\n", "done\n"));
     }
 

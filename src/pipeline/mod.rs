@@ -37,6 +37,7 @@ use serde::Serialize;
 use crate::blockdev::{Access, DeviceError, Kind, Sysfs, Target};
 use crate::guard::{Guard, Refusal, Request};
 use crate::image::{BlockDigests, Format, Hashes, Image, ImageError};
+use crate::tools::ToolError;
 
 pub use eject::EjectMode;
 pub use write::HEAD;
@@ -121,6 +122,11 @@ impl Cancel {
 
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::Relaxed)
+    }
+
+    /// The flag, for a tool that must die with the job.
+    pub fn stop_flag(&self) -> &AtomicBool {
+        &self.0
     }
 
     /// The flag itself, for `signal_hook::flag::register`.
@@ -364,7 +370,12 @@ impl Job<'_> {
                     let syspath = dev.and_then(|d| Sysfs::default().block(d).ok()).map(|b| b.syspath);
                     let syspath =
                         syspath.ok_or_else(|| stage_error(&device, Stage::Resize, &"the disk is not in sysfs"))?;
-                    resize::run(&device, &syspath).map_err(|e| stage_error(&device, Stage::Resize, &e))
+                    resize::run(&device, &syspath, cancel.stop_flag()).map_err(|e| match e {
+                        resize::StageError::Partition { source: ToolError::Interrupted { .. }, .. } => {
+                            JobError::Cancelled { device: device.clone() }
+                        }
+                        e => stage_error(&device, Stage::Resize, &e),
+                    })
                 })?;
             }
         }

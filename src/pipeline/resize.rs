@@ -6,13 +6,15 @@
 //! Anything else (FAT, btrfs, no filesystem) is skipped, not failed.
 
 use std::path::Path;
+use std::sync::atomic::AtomicBool;
 
 use super::Outcome;
 use crate::blockdev::partitions;
 use crate::tools::{self, ToolError};
 use crate::units::Bytes;
 
-pub(super) fn run(dev: &Path, disk_syspath: &Path) -> Result<Outcome, StageError> {
+/// `stop` kills e2fsck or resize2fs at once when the job is cancelled.
+pub(super) fn run(dev: &Path, disk_syspath: &Path, stop: &AtomicBool) -> Result<Outcome, StageError> {
     let Some(number) = super::expand::last_partition(dev)? else {
         return Ok(Outcome::skipped("no partition table"));
     };
@@ -31,11 +33,14 @@ pub(super) fn run(dev: &Path, disk_syspath: &Path) -> Result<Outcome, StageError
     }
     let before = fs_size(node)?;
     // e2fsck: 0 clean, 1 errors fixed; anything else needs a human.
-    let check = tools::run("e2fsck", &["-f", "-p", node], None).map_err(on_node)?;
+    let check = tools::run_until("e2fsck", &["-f", "-p", node], None, stop).map_err(on_node)?;
     if !matches!(check.code, Some(0 | 1)) {
         return Err(on_node(check.error()));
     }
-    tools::check("resize2fs", &[node], None).map_err(on_node)?;
+    let grown = tools::run_until("resize2fs", &[node], None, stop).map_err(on_node)?;
+    if grown.code != Some(0) {
+        return Err(on_node(grown.error()));
+    }
     let after = fs_size(node)?;
     Ok(Outcome::done(format!("{fstype} on partition {number} grown from {} to {}", Bytes(before), Bytes(after))))
 }

@@ -264,3 +264,29 @@ fn counterfeit_card_fails_before_it_is_expanded() {
     assert!(bed::read_at(&backing, 0, MIB as usize).iter().all(|&b| b == 0), "the fake card kept its table");
     drop(inserted);
 }
+
+/// `systemctl stop` while resize2fs grows a filesystem onto a big, slow
+/// card: the tool is killed with its job, the card loses its table (it must
+/// not look flashed with a half-grown filesystem), and the daemon is gone
+/// within five seconds.
+#[test]
+fn stop_during_resize_kills_the_tool_and_blanks_the_card() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let image = bed.os_image("os.img", bed::Table::Gpt);
+    let yaml = format!("image: {}\nexpand: true\nresize: true\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let mut d = Daemon::start(&bed, &yaml);
+    let _slow = Throttle::new(d.pid(), &[&reader], 24 * MIB);
+    let card = bed.card("card", 64 * 1024 * MIB);
+    let _inserted = reader.insert(&card);
+    d.wait_until("resizing", Duration::from_secs(120), |_| {}, |s| slot_of(s, "A1")["state"] == "resizing");
+    std::thread::sleep(Duration::from_millis(300));
+    d.signal(Signal::SIGTERM);
+    let exit = d.wait_exit(Duration::from_secs(5)).unwrap_or_else(|| panic!("still running; log:\n{}", d.log()));
+    assert!(exit.success(), "{exit}");
+    let slot = d.slot("A1");
+    assert_eq!((slot["state"].as_str(), slot["error"].as_str()), (Some("failed"), Some("interrupted")), "{slot}");
+    assert!(bed::read_at(&card, 0, MIB as usize).iter().all(|&b| b == 0), "the card kept its table");
+    assert!(!d.dir("state_dir").join("jobs/A1.json").exists(), "the job ended and said so");
+}
