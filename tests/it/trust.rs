@@ -290,3 +290,38 @@ fn stop_during_resize_kills_the_tool_and_blanks_the_card() {
     assert!(bed::read_at(&card, 0, MIB as usize).iter().all(|&b| b == 0), "the card kept its table");
     assert!(!d.dir("state_dir").join("jobs/A1.json").exists(), "the job ended and said so");
 }
+
+/// From the first write to the last stage the job holds the card's lock:
+/// a program waiting for it (udev, an automounter) gets it only once the
+/// job has ended, never in between (it used to get it between verify and
+/// expand, and the job then failed or worked on a card someone else held).
+#[test]
+fn nothing_gets_the_card_between_stages() {
+    use nix::fcntl::{Flock, FlockArg};
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let reader = Reader::new();
+    let image = bed.random_image("img", 16 * MIB, 44);
+    let yaml = format!("image: {}\nexpand: true\nresize: true\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let d = Daemon::start(&bed, &yaml);
+    let _slow = Throttle::new(d.pid(), &[&reader], 8 * MIB);
+    let card = bed.card("card", 64 * MIB);
+    let _inserted = reader.insert(&card);
+    d.wait_until("writing", LONG, |_| {}, |s| slot_of(s, "A1")["bytes_written"].as_u64() > Some(MIB));
+    let probe = Flock::lock(fs::File::open(reader.dev()).unwrap(), FlockArg::LockExclusiveNonblock);
+    assert!(
+        matches!(probe, Err((_, nix::errno::Errno::EWOULDBLOCK))),
+        "the job does not hold the card's lock while writing"
+    );
+    let dev = fs::File::open(reader.dev()).unwrap();
+    // Wait for the lock the way udev's workers and automounters do, and
+    // hold it a while once given: a job that needs it back fails.
+    let waiter = std::thread::spawn(move || {
+        let locked = Flock::lock(dev, FlockArg::LockExclusive).unwrap();
+        std::thread::sleep(Duration::from_secs(12));
+        drop(locked);
+    });
+    let slot = ended(&d, "the job to end");
+    assert_eq!(slot["state"], "done", "{slot}");
+    waiter.join().unwrap();
+}
