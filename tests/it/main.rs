@@ -9,6 +9,7 @@
 mod bed;
 mod browser;
 mod daemon;
+mod faults;
 mod fusecard;
 mod guard;
 mod image;
