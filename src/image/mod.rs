@@ -151,7 +151,13 @@ impl Image {
         match (digests.sha256, digests.blocks) {
             (Some(sha256), Some(blocks)) if digests.len > 0 => Ok(Measured { raw_size: digests.len, sha256, blocks }),
             (Some(_), Some(_)) => Err(ImageError::Empty { path: self.path.clone() }.into()),
-            _ => Err(ImageError::Changed { path: self.path.clone() }.into()),
+            // Only a reader thread that died ends without its digests.
+            _ => Err(ImageError::Read {
+                path: self.path.clone(),
+                offset: digests.len,
+                source: std::io::Error::other("the image reader thread failed"),
+            }
+            .into()),
         }
     }
 
