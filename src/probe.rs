@@ -74,7 +74,8 @@ pub enum ProbeError {
     #[error("{}: probe interrupted", device.display())]
     Cancelled { device: PathBuf },
     /// Stamped blocks could not be put back: the card's data there is damaged.
-    #[error("{}: could not put back {failed} of {total} overwritten blocks; the card's data is damaged", device.display())]
+    /// Shown with its cause first: a pulled card fails the restore too.
+    #[error("{first} ({failed} of {total} probe blocks on {} could not be put back)", device.display())]
     Unrestored {
         device: PathBuf,
         failed: usize,
@@ -85,6 +86,16 @@ pub enum ProbeError {
 }
 
 impl ProbeError {
+    /// Whether the card failed I/O (pulled, dying), as opposed to the probe
+    /// being interrupted.
+    pub fn is_io(&self) -> bool {
+        match self {
+            Self::Io { .. } | Self::Unrestored { .. } => true,
+            Self::Device(d) => d.os_error().is_some(),
+            Self::Cancelled { .. } => false,
+        }
+    }
+
     /// Exit status for the CLI, as for `flashbay write`: 130 interrupted, 1 anything else.
     pub fn exit_code(&self) -> u8 {
         match self {

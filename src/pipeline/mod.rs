@@ -168,6 +168,15 @@ pub enum JobError {
 }
 
 impl JobError {
+    /// Whether the card failed I/O: with a removal right after, a pulled card.
+    pub fn is_io_failure(&self) -> bool {
+        match self {
+            Self::Device(d) => d.os_error().is_some(),
+            Self::Probe(p) => p.is_io(),
+            _ => false,
+        }
+    }
+
     /// Exit status for the CLI: 3 refused by the guard, 4 the card does not
     /// hold the image, 130 interrupted, 1 anything else.
     pub fn exit_code(&self) -> u8 {

@@ -501,7 +501,7 @@ impl Station {
                 let cause = slot.error.take().unwrap_or_default();
                 let during = slot.io_failure.take().map_or(SlotState::Writing, |(_, s)| s);
                 slot.error = Some(format!("card removed during {during} ({cause})"));
-                (Level::WARN, "failed", "card was removed while being written".to_owned())
+                (Level::WARN, "failed", format!("card was removed during {during}"))
             }
             None => {
                 slot.state = SlotState::Empty;
@@ -574,7 +574,7 @@ impl Station {
                 (SlotState::Failed, Some(format!("card removed during {during} ({e})")))
             }
             (Err(e), _) => {
-                if matches!(e, JobError::Device(d) if d.os_error().is_some()) {
+                if e.is_io_failure() {
                     slot.io_failure = Some((Instant::now(), during));
                 }
                 (SlotState::Failed, Some(e.to_string()))
