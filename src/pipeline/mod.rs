@@ -323,7 +323,8 @@ impl Job<'_> {
     /// changed, so that a failure blanks it.
     fn stages(&mut self, target: &mut Target, started: &mut bool) -> Result<Option<String>, JobError> {
         let (opts, observer, cancel, raw_size) = (self.opts, self.observer, self.cancel, self.raw_size);
-        let computed = opts.blocks.is_none();
+        // Digests are for verifying: without it, the write pass computes none.
+        let computed = opts.blocks.is_none() && opts.verify;
         let mut chunks = self.image.chunks(opts.chunk_size, Hashes { sha256: false, blocks: computed })?;
         let source = write::Source { path: &self.image.path, raw_size, expected: opts.blocks.as_deref() };
         *started = true;
