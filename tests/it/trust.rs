@@ -325,3 +325,53 @@ fn nothing_gets_the_card_between_stages() {
     assert_eq!(slot["state"], "done", "{slot}");
     waiter.join().unwrap();
 }
+
+/// Every end of a card is counted and recorded the same way: a queued card
+/// cancelled by the operator and a card failed by an unusable image used to
+/// skip the counters and `history.jsonl`; the status file, `/metrics` and
+/// the history must agree.
+#[test]
+fn every_end_of_a_card_is_counted_and_recorded() {
+    let bed = bed!(udev);
+    let _rule = UdevRule::install();
+    let readers = [Reader::new(), Reader::new(), Reader::new()];
+    let image = bed.random_image("img", 16 * MIB, 81);
+    let missing = bed.path("missing.img.xz");
+    let yaml = format!(
+        "image: {}\nconcurrency: 1\nhttp:\n  listen: 127.0.0.1:0\n  control_token: t0ken-for-tests\nslots:\n  - {{name: A1, port: {}}}\n  - {{name: A2, port: {}}}\n  - {{name: A3, port: {}, image: {}}}\n",
+        image.display(),
+        crate::station::port(&readers[0]),
+        crate::station::port(&readers[1]),
+        crate::station::port(&readers[2]),
+        missing.display()
+    );
+    let d = Daemon::start(&bed, &yaml);
+    let url = d.url();
+    let _slow = Throttle::new(d.pid(), &[&readers[0]], 4 * MIB);
+    let cards: Vec<_> = (0..3).map(|i| bed.card(&format!("c{i}"), 32 * MIB)).collect();
+    let untouched = bed::sha256(&cards[1]);
+    let _a1 = readers[0].insert(&cards[0]);
+    d.wait_slot("A1", "writing", LONG);
+    let _a2 = readers[1].insert(&cards[1]);
+    d.wait_slot("A2", "queued", LONG);
+    let (code, body) = crate::station::http(
+        "POST",
+        &format!("{url}/api/slots/A2/cancel"),
+        &[("Authorization", "Bearer t0ken-for-tests")],
+    );
+    assert_eq!(code, 200, "{body}");
+    let _a3 = readers[2].insert(&cards[2]);
+    let status = d.wait_until(
+        "A2 and A3 to end",
+        LONG,
+        |_| {},
+        |s| slot_of(s, "A2")["state"] == "failed" && slot_of(s, "A3")["state"] == "failed",
+    );
+    assert_eq!(status["summary"]["failed"], 2, "{}", status["summary"]);
+    let lines = history(&d);
+    let slots: Vec<_> = lines.iter().map(|l| l["slot"].as_str().unwrap().to_owned()).collect();
+    assert!(slots.contains(&"A2".to_owned()) && slots.contains(&"A3".to_owned()), "history: {slots:?}");
+    let (_, metrics) = crate::station::http("GET", &format!("{url}/metrics"), &[]);
+    assert!(metrics.contains("flashbay_cards_total{result=\"failed\"} 2"), "{metrics}");
+    assert_eq!(bed::sha256(&cards[1]), untouched, "the cancelled card was written");
+}
