@@ -16,14 +16,14 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::report::metrics::Metrics;
 use crate::report::{hooks, http, leds, notify, status_file};
-use crate::station::{Msg, Station};
+use crate::station::{self, Msg, Station};
 use crate::tasks::Tasks;
 
 pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
     let config = Arc::new(Config::load(&config_path)?);
     require_diskseq(std::path::Path::new("/sys"))?;
     tracing::info!("starting with {} slots, concurrency {}", config.slots.len(), config.concurrency);
-    for warning in &config.warnings {
+    for warning in station::check_images(&config) {
         tracing::warn!("{warning}");
     }
     let shutdown = CancellationToken::new();
@@ -115,9 +115,9 @@ fn require_diskseq(sysfs: &std::path::Path) -> anyhow::Result<()> {
 async fn reload(config_path: &std::path::Path, station: &mpsc::Sender<Msg>, current: &watch::Sender<Arc<Config>>) {
     notify::reloading();
     let path = config_path.to_owned();
-    match tokio::task::spawn_blocking(move || Config::load(&path)).await {
-        Ok(Ok(config)) => {
-            for warning in &config.warnings {
+    match tokio::task::spawn_blocking(move || Config::load(&path).map(|c| (station::check_images(&c), c))).await {
+        Ok(Ok((warnings, config))) => {
+            for warning in warnings {
                 tracing::warn!("{warning}");
             }
             if config.http.as_ref().map(|h| h.listen) != current.borrow().http.as_ref().map(|h| h.listen) {

@@ -50,6 +50,7 @@ pub mod demo;
 pub mod guard;
 pub mod image;
 pub mod learn;
+pub mod model;
 pub mod pipeline;
 pub mod probe;
 pub mod progress;

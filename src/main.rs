@@ -214,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Check { config } => {
             let config = Config::load(&config)?;
-            for warning in &config.warnings {
+            for warning in flashbay::station::check_images(&config) {
                 eprintln!("warning: {warning}");
             }
             println!("{}: ok", config.file.display());

@@ -15,42 +15,12 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use crate::model::EjectMode;
 
 use super::Outcome;
 use crate::blockdev::scsi::Scsi;
 use crate::blockdev::{DevNum, Sysfs, ioctl};
 use crate::guard::Guard;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EjectMode {
-    None,
-    Sync,
-    Eject,
-    PowerOff,
-}
-
-impl EjectMode {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "none" => Self::None,
-            "sync" => Self::Sync,
-            "eject" => Self::Eject,
-            "power-off" => Self::PowerOff,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Sync => "sync",
-            Self::Eject => "eject",
-            Self::PowerOff => "power-off",
-        }
-    }
-}
 
 /// What the stage talks to; tests point these at a fake sysfs and a
 /// recording SCSI layer.

@@ -39,7 +39,7 @@ use crate::guard::{Guard, Refusal, Request};
 use crate::image::{BlockDigests, Format, Hashes, Image, ImageError};
 use crate::tools::ToolError;
 
-pub use eject::EjectMode;
+pub use crate::model::{EjectMode, Stage, StageOutcome, StageResult};
 pub use write::HEAD;
 
 /// Default I/O size: large enough to reach a card's sequential speed,
@@ -47,45 +47,6 @@ pub use write::HEAD;
 pub const DEFAULT_CHUNK: usize = 4 << 20;
 /// Allowed chunk sizes; a multiple of [`HEAD`] keeps every write aligned.
 pub const CHUNK_RANGE: std::ops::RangeInclusive<usize> = HEAD..=(8 << 20);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stage {
-    Write,
-    Verify,
-    Expand,
-    Resize,
-    Eject,
-}
-
-impl Stage {
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Write => "write",
-            Stage::Verify => "verify",
-            Stage::Expand => "expand",
-            Stage::Resize => "resize",
-            Stage::Eject => "eject",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StageResult {
-    Done,
-    Skipped,
-    Failed,
-}
-
-/// What a stage did, with why and how long; part of every job's record.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct StageOutcome {
-    pub stage: Stage,
-    pub result: StageResult,
-    pub detail: String,
-    pub seconds: f64,
-}
 
 /// A stage's verdict before it is timed.
 #[derive(Debug, Clone, PartialEq, Eq)]

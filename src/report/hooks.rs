@@ -16,7 +16,8 @@ use std::sync::Arc;
 use tokio::sync::{Semaphore, broadcast, watch};
 
 use crate::config::Config;
-use crate::station::status::{Event, SlotState, SlotStatus};
+use crate::model::SlotState;
+use crate::station::status::{Event, SlotStatus};
 
 /// Hooks running at once; more wait their turn.
 const PARALLEL: usize = 4;

@@ -2,131 +2,21 @@
 //! (`/sys/class/leds/NAME/{brightness,trigger,delay_on,delay_off}`).
 //!
 //! Each slot may name a green and a red LED, or a single one. A state maps
-//! to a pattern per LED (documented below, overridable in the config).
+//! to a pattern per LED (overridable in the config).
 //! Blinking is the kernel's `timer` trigger, so the LEDs keep blinking
 //! without us. A missing LED is reported once at startup and skipped; a
-//! failed write is a warning: LEDs never fail a job.
-//!
-//! Default mapping:
-//!
-//! | state                        | green + red          | single LED      |
-//! |------------------------------|----------------------|-----------------|
-//! | empty, present               | off                  | off             |
-//! | queued                       | green blink 1000/1000| blink 1000/1000 |
-//! | writing                      | green blink 500/500  | blink 500/500   |
-//! | verifying, expanding, resizing, ejecting | green blink 100/100 | blink 250/250 |
-//! | done                         | green on             | on              |
-//! | failed, refused              | red on               | blink 100/100   |
+//! failed write is a warning: LEDs never fail a job. The default patterns are
+//! [`crate::model::default_pattern`]'s table.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::config::Config;
-use crate::station::status::{SlotState, Snapshot};
-
-/// What one LED does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pattern {
-    Off,
-    On,
-    Blink { on_ms: u32, off_ms: u32 },
-}
-
-impl Pattern {
-    /// `off`, `on`, or `blink ON/OFF` (milliseconds, e.g. `blink 500/500`).
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        match s {
-            "off" => return Ok(Self::Off),
-            "on" => return Ok(Self::On),
-            _ => {}
-        }
-        let times = s.strip_prefix("blink").map(str::trim);
-        let parsed = times.and_then(|t| {
-            let (on, off) = t.split_once('/')?;
-            Some((on.trim().parse().ok()?, off.trim().parse().ok()?))
-        });
-        match parsed {
-            Some((on_ms, off_ms)) if on_ms > 0 && off_ms > 0 => Ok(Self::Blink { on_ms, off_ms }),
-            _ => Err(format!("LED pattern must be off, on or `blink ON/OFF` in ms (like blink 500/500), not `{s}`")),
-        }
-    }
-}
-
-impl fmt::Display for Pattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Off => f.write_str("off"),
-            Self::On => f.write_str("on"),
-            Self::Blink { on_ms, off_ms } => write!(f, "blink {on_ms}/{off_ms}"),
-        }
-    }
-}
-
-/// Which LED of a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    Green,
-    Red,
-    /// The only LED of a slot.
-    Single,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "green" => Self::Green,
-            "red" => Self::Red,
-            "led" => Self::Single,
-            _ => return None,
-        })
-    }
-}
-
-#[allow(clippy::match_same_arms)] // one arm per row of the table above
-pub fn default_pattern(state: SlotState, role: Role) -> Pattern {
-    use SlotState as S;
-    let blink = |on_ms, off_ms| Pattern::Blink { on_ms, off_ms };
-    let failed = matches!(state, S::Failed | S::Refused);
-    match (role, state) {
-        (Role::Red, _) => {
-            if failed {
-                Pattern::On
-            } else {
-                Pattern::Off
-            }
-        }
-        (_, S::Empty | S::Present) => Pattern::Off,
-        (_, S::Queued) => blink(1000, 1000),
-        (_, S::Writing) => blink(500, 500),
-        (Role::Single, S::Verifying | S::Expanding | S::Resizing | S::Ejecting) => blink(250, 250),
-        (_, S::Verifying | S::Expanding | S::Resizing | S::Ejecting) => blink(100, 100),
-        (_, S::Done) => Pattern::On,
-        (Role::Single, S::Failed | S::Refused) => blink(100, 100),
-        (_, S::Failed | S::Refused) => Pattern::Off,
-    }
-}
-
-/// The LED setup of the whole station.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct LedConfig {
-    /// Normally /sys/class/leds; tests use a temporary tree.
-    pub root: PathBuf,
-    /// Per slot name: its LEDs by role.
-    pub slots: Vec<(String, Vec<(Role, String)>)>,
-    /// Patterns that replace the defaults.
-    pub overrides: HashMap<(SlotState, Role), Pattern>,
-}
-
-impl LedConfig {
-    pub fn pattern(&self, state: SlotState, role: Role) -> Pattern {
-        self.overrides.get(&(state, role)).copied().unwrap_or_else(|| default_pattern(state, role))
-    }
-}
+use crate::config::{Config, LedConfig};
+use crate::model::{Pattern, Role};
+use crate::station::status::Snapshot;
 
 /// Follows the station and sets every configured LED; picks up new LED
 /// settings on reload; ends when the station stops publishing.
@@ -219,35 +109,5 @@ impl Led {
                 write("delay_off", &off_ms.to_string())
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_patterns() {
-        assert_eq!(Pattern::parse("off"), Ok(Pattern::Off));
-        assert_eq!(Pattern::parse(" on "), Ok(Pattern::On));
-        assert_eq!(Pattern::parse("blink 500/250"), Ok(Pattern::Blink { on_ms: 500, off_ms: 250 }));
-        assert!(Pattern::parse("blink 0/5").is_err());
-        assert!(Pattern::parse("fast").is_err());
-    }
-
-    #[test]
-    fn default_mapping_matches_the_documentation() {
-        use SlotState as S;
-        assert_eq!(default_pattern(S::Empty, Role::Green), Pattern::Off);
-        assert_eq!(default_pattern(S::Queued, Role::Green), Pattern::Blink { on_ms: 1000, off_ms: 1000 });
-        assert_eq!(default_pattern(S::Writing, Role::Green), Pattern::Blink { on_ms: 500, off_ms: 500 });
-        assert_eq!(default_pattern(S::Writing, Role::Red), Pattern::Off);
-        assert_eq!(default_pattern(S::Verifying, Role::Green), Pattern::Blink { on_ms: 100, off_ms: 100 });
-        assert_eq!(default_pattern(S::Done, Role::Green), Pattern::On);
-        assert_eq!(default_pattern(S::Done, Role::Red), Pattern::Off);
-        assert_eq!(default_pattern(S::Failed, Role::Red), Pattern::On);
-        assert_eq!(default_pattern(S::Failed, Role::Green), Pattern::Off);
-        assert_eq!(default_pattern(S::Refused, Role::Single), Pattern::Blink { on_ms: 100, off_ms: 100 });
-        assert_eq!(default_pattern(S::Done, Role::Single), Pattern::On);
     }
 }

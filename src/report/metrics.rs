@@ -7,7 +7,8 @@
 
 use std::fmt::Write;
 
-use crate::station::status::{BUCKETS, Histogram, SlotState, Snapshot};
+use crate::model::SlotState;
+use crate::station::status::{BUCKETS, Histogram, Snapshot};
 
 #[derive(Debug, Default)]
 pub struct Metrics;

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::status::ImageStatus;
+use crate::config::{Config, ImageSite};
 use crate::image::{BlockDigests, Format, Image, hex};
 
 /// A prepared image, ready to be written to any number of cards.
@@ -174,6 +175,20 @@ impl ImageStore {
             })
             .collect()
     }
+}
+
+/// A first look at every configured image (opens each and reads its head,
+/// so blocking), as warnings at the line that names it: a missing or
+/// unusable image fails only its slots' cards, and is tried again for the
+/// next card once fixed, so it does not stop the station. Saying so at
+/// start turns "the first card failed" into a pointer at the line to fix.
+pub fn check_images(config: &Config) -> Vec<String> {
+    let at = |s: &ImageSite| format!("{}:{}:{}", config.file.display(), s.line, s.column);
+    config
+        .image_sites
+        .iter()
+        .filter_map(|s| Image::open(&s.image).err().map(|e| format!("{}: image {e}", at(s))))
+        .collect()
 }
 
 /// One full pass over `source` (blocking): see the module docs. Errors read
@@ -334,6 +349,20 @@ fn save_meta(path: &Path, prepared: &Prepared) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_image_is_a_warning_at_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f.yaml");
+        let c = Config::parse(&file, "image: gone.img\nslots:\n  - {name: A1, port: usb-1}\n").unwrap();
+        let gone = dir.path().join("gone.img");
+        assert_eq!(
+            check_images(&c),
+            [format!("{}:1:8: image {}: No such file or directory (os error 2)", file.display(), gone.display())]
+        );
+        fs::write(&gone, [0u8; 4096]).unwrap();
+        assert_eq!(check_images(&c), Vec::<String>::new());
+    }
 
     #[test]
     fn compressed_image_is_decompressed_once_and_remembered() {

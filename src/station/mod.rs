@@ -38,13 +38,14 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use images::{Prepared, Rebuild, prepare, prune_cache};
+pub use images::{Prepared, Rebuild, check_images, prepare, prune_cache};
 pub use job::Card;
 use job::{JobProgress, JobSpec};
-use status::{Event, JobRecord, LogLine, SlotState, SlotStatus, Snapshot, Summary};
+use status::{Event, JobRecord, LogLine, SlotStatus, Snapshot, Summary};
 use tracing::Level;
 
 use crate::config::{Config, SlotConfig};
+use crate::model::SlotState;
 use crate::pipeline::{Cancel, JobError, Report, Stage, StageOutcome, StageResult};
 use crate::udev::{Action, DeviceEvent};
 

@@ -9,78 +9,7 @@ use std::time::SystemTime;
 use serde::{Serialize, Serializer};
 
 use crate::image::Format;
-
-/// The state of one slot. The names are part of the interface: they appear
-/// in the status file, the journal and the HTTP API.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SlotState {
-    /// No card.
-    Empty,
-    /// A card waits for a free writer (or for its image to be prepared).
-    Queued,
-    Writing,
-    Verifying,
-    Expanding,
-    Resizing,
-    Ejecting,
-    /// Finished; stays until the card is removed.
-    Done,
-    /// Failed; stays until the card is removed (or, if the card was pulled
-    /// mid-job, until the next card arrives).
-    Failed,
-    /// The safety checks refused the card (too small, write-protected, …).
-    Refused,
-    /// Present at startup and left alone (`flash_present_at_start: false`).
-    Present,
-}
-
-impl SlotState {
-    pub const ALL: [Self; 11] = [
-        Self::Empty,
-        Self::Queued,
-        Self::Writing,
-        Self::Verifying,
-        Self::Expanding,
-        Self::Resizing,
-        Self::Ejecting,
-        Self::Done,
-        Self::Failed,
-        Self::Refused,
-        Self::Present,
-    ];
-
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|s| s.name() == name)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Empty => "empty",
-            Self::Queued => "queued",
-            Self::Writing => "writing",
-            Self::Verifying => "verifying",
-            Self::Expanding => "expanding",
-            Self::Resizing => "resizing",
-            Self::Ejecting => "ejecting",
-            Self::Done => "done",
-            Self::Failed => "failed",
-            Self::Refused => "refused",
-            Self::Present => "present",
-        }
-    }
-
-    /// A job is working on the card.
-    pub fn is_active(self) -> bool {
-        matches!(self, Self::Writing | Self::Verifying | Self::Expanding | Self::Resizing | Self::Ejecting)
-    }
-}
-
-impl fmt::Display for SlotState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use crate::model::SlotState;
 
 /// The whole station.
 #[derive(Debug, Clone, Serialize)]

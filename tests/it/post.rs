@@ -11,8 +11,9 @@ use std::time::Duration;
 use flashbay::blockdev::scsi::Scsi;
 use flashbay::blockdev::{Access, Sysfs, Target};
 use flashbay::guard::Guard;
+use flashbay::model::EjectMode;
 use flashbay::pipeline::StageResult;
-use flashbay::pipeline::eject::{self, EjectMode, Env};
+use flashbay::pipeline::eject::{self, Env};
 use serde_json::Value;
 
 use crate::bed::{self, Loop, MIB, OsSpec, Reader, Table, run};
