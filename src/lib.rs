@@ -37,8 +37,8 @@
 //! - [`guard`] decides whether a target may be written at all.
 //! - [`pipeline`] is one job, used alike by `flashbay write` and the daemon.
 //! - [`config`], [`udev`], [`station`], [`report`], [`tasks`] and
-//!   [`daemon`] make the daemon; [`learn`], [`status`], [`udev_rules`] and
-//!   [`demo`] are the other commands.
+//!   [`daemon`] make the daemon; [`learn`] and [`udev_rules`] are other
+//!   commands (the binary holds `demo` and the `status` client).
 //!
 //! Device work is synchronous and runs on plain threads (the daemon uses
 //! tokio's blocking pool); everything else is async on tokio.
@@ -46,7 +46,6 @@
 pub mod blockdev;
 pub mod config;
 pub mod daemon;
-pub mod demo;
 pub mod guard;
 pub mod image;
 pub mod learn;
@@ -56,7 +55,6 @@ pub mod probe;
 pub mod progress;
 pub mod report;
 pub mod station;
-pub mod status;
 pub mod tasks;
 pub mod tools;
 pub mod udev;

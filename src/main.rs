@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+mod cli;
+
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use flashbay::config::Config;
@@ -20,6 +22,25 @@ struct Cli {
     command: Command,
 }
 
+/// `--log`: the library's [`Target`], as the command line spells it.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogTo {
+    /// journald when stderr is the journal, else stderr
+    Auto,
+    Journal,
+    Stderr,
+}
+
+impl From<LogTo> for Target {
+    fn from(to: LogTo) -> Self {
+        match to {
+            LogTo::Auto => Target::Auto,
+            LogTo::Journal => Target::Journal,
+            LogTo::Stderr => Target::Stderr,
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the station: flash every card inserted into a configured slot
@@ -28,7 +49,7 @@ enum Command {
         config: PathBuf,
         /// Where log lines go: journald when stderr is the journal (auto)
         #[arg(long, value_enum, default_value = "auto")]
-        log: Target,
+        log: LogTo,
     },
     /// Show the station: every slot's state, card, progress and error
     Status {
@@ -162,7 +183,7 @@ fn parse_eject(s: &str) -> Result<EjectMode, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Run { log, .. } => journal::init(*log, "info"),
+        Command::Run { log, .. } => journal::init((*log).into(), "info"),
         _ => journal::init(Target::Stderr, "warn"),
     }
     match run(cli) {
@@ -207,7 +228,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             flashbay::learn::run(&config, write, &prefix, stop).await.map(drop)
         }),
-        Command::Demo { listen, speed, stay } => flashbay::demo::run(&flashbay::demo::Options { listen, speed, stay }),
+        Command::Demo { listen, speed, stay } => cli::demo::run(&cli::demo::Options { listen, speed, stay }),
         Command::UdevRules { config } => {
             print!("{}", flashbay::udev_rules::generate(&Config::load(&config)?));
             Ok(())
@@ -300,14 +321,14 @@ fn probe(device: &Path, force: bool, json: bool) -> anyhow::Result<ExitCode> {
 }
 
 fn status(url: Option<&str>, config: &Path, json: bool) -> anyhow::Result<()> {
-    let (doc, source) = flashbay::status::fetch(url, config)?;
-    if let flashbay::status::Source::File { path, reason } = &source {
+    let (doc, source) = cli::status::fetch(url, config)?;
+    if let cli::status::Source::File { path, reason } = &source {
         eprintln!("warning: daemon not reachable ({reason}); showing {}", path.display());
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
-        print!("{}", flashbay::status::table(&doc));
+        print!("{}", cli::status::table(&doc));
     }
     Ok(())
 }

@@ -8,23 +8,21 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::config::{Config, DEFAULT_LISTEN};
-use crate::units::{Bytes, Clock, Rate};
+use flashbay::config::{Config, DEFAULT_LISTEN};
+use flashbay::units::{Bytes, Clock, Rate};
 
 /// Where the station's state came from.
 #[derive(Debug)]
-pub enum Source {
-    Api(String),
+pub(crate) enum Source {
+    /// The daemon answered.
+    Api,
     /// The daemon did not answer (the reason), so the file was read.
-    File {
-        path: std::path::PathBuf,
-        reason: String,
-    },
+    File { path: std::path::PathBuf, reason: String },
 }
 
 /// Fetches the station: from `url` (or the configured listen address),
 /// else from the configured status file.
-pub fn fetch(url: Option<&str>, config_path: &Path) -> anyhow::Result<(Value, Source)> {
+pub(crate) fn fetch(url: Option<&str>, config_path: &Path) -> anyhow::Result<(Value, Source)> {
     let config = Config::load(config_path).ok();
     let url = match url {
         Some(u) => u.trim_end_matches('/').to_owned(),
@@ -38,7 +36,7 @@ pub fn fetch(url: Option<&str>, config_path: &Path) -> anyhow::Result<(Value, So
             .map_err(|e| e.to_string())
             .and_then(|t| serde_json::from_str::<Value>(&t).map_err(|e| e.to_string()))
         {
-            Ok(doc) => return Ok((doc, Source::Api(url))),
+            Ok(doc) => return Ok((doc, Source::Api)),
             Err(e) => format!("{url}: unreadable answer: {e}"),
         },
         Err(e) => format!("{url}: {e}"),
@@ -61,7 +59,7 @@ fn base_url(listen: Option<SocketAddr>) -> String {
 }
 
 /// The slots as an aligned table, with the summary line first.
-pub fn table(doc: &Value) -> String {
+pub(crate) fn table(doc: &Value) -> String {
     let s = &doc["summary"];
     let mut out = format!(
         "{} writing, {} queued, {} done, {} failed, {} refused\n",

@@ -31,16 +31,16 @@ const CARDS: [(&str, u64); 4] = [("H1", 256), ("H2", 128), ("H3", 48), ("H4", 19
 const FINAL: [&str; 3] = ["done", "failed", "refused"];
 
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
     /// Where the status page listens (port 0: any free port).
-    pub listen: String,
+    pub(crate) listen: String,
     /// Card speed in MiB/s (0: as fast as the machine goes).
-    pub speed: u64,
+    pub(crate) speed: u64,
     /// Keep the station running after the summary, until Ctrl-C.
-    pub stay: bool,
+    pub(crate) stay: bool,
 }
 
-pub fn run(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("flashbay demo needs root (loop devices, udev rules)");
     }
@@ -146,7 +146,7 @@ fn summarise(url: &str, shown: &mut [String], stop: &dyn Fn() -> anyhow::Result<
         let states: Vec<&str> =
             doc["slots"].as_array().map(|s| s.iter().filter_map(|s| s["state"].as_str()).collect()).unwrap_or_default();
         if states.len() == CARDS.len() && states.iter().all(|s| FINAL.contains(s)) {
-            println!("\n{}", crate::status::table(&doc));
+            println!("\n{}", super::status::table(&doc));
             for slot in doc["slots"].as_array().into_iter().flatten() {
                 let name = slot["name"].as_str().unwrap_or_default();
                 for stage in slot["stages"].as_array().into_iter().flatten() {
