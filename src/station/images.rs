@@ -22,7 +22,6 @@
 //! cache cannot hold the raw copy, cards are decoded from the source, one
 //! decoder per card.
 
-use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -32,7 +31,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::status::ImageStatus;
+use super::catalog::Rebuild;
 use crate::config::{Config, ImageSite};
 use crate::image::{BlockDigests, Format, Image, hex};
 
@@ -67,113 +66,6 @@ impl Prepared {
     /// rewritten, gone): the next card waits for a new preparation.
     pub fn changed(&self) -> bool {
         cache_key(&self.source).map_or(true, |key| key != self.key)
-    }
-}
-
-/// Whether a preparation may reuse what the cache remembers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Rebuild {
-    /// Reuse a remembered preparation whose copy is unchanged.
-    IfNeeded,
-    /// A job found the copy damaged: decode the source again.
-    Always,
-}
-
-#[derive(Debug, Clone)]
-pub(super) enum ImageState {
-    Preparing,
-    Ready(std::sync::Arc<Prepared>),
-    Failed(String),
-}
-
-/// The images the current configuration uses, by configured path.
-#[derive(Debug, Default)]
-pub(super) struct ImageStore {
-    states: HashMap<PathBuf, ImageState>,
-}
-
-impl ImageStore {
-    pub(super) fn get(&self, path: &Path) -> Option<&ImageState> {
-        self.states.get(path)
-    }
-
-    /// Forgets `path`'s preparation (its copy is damaged, or the file
-    /// changed), unless it is being prepared again already.
-    pub(super) fn forget(&mut self, path: &Path) {
-        if !matches!(self.states.get(path), Some(ImageState::Preparing)) {
-            self.states.remove(path);
-        }
-    }
-
-    /// Marks `path` as being prepared; false if it already is or was.
-    pub(super) fn begin(&mut self, path: &Path) -> bool {
-        if self.states.contains_key(path) {
-            return false;
-        }
-        self.states.insert(path.to_owned(), ImageState::Preparing);
-        true
-    }
-
-    pub(super) fn finish(&mut self, path: &Path, result: Result<Prepared, String>) {
-        if let Some(state) = self.states.get_mut(path) {
-            *state = match result {
-                Ok(p) => ImageState::Ready(std::sync::Arc::new(p)),
-                Err(e) => ImageState::Failed(e),
-            };
-        }
-    }
-
-    /// Forgets every prepared or failed image (not those being prepared),
-    /// so a reload looks at the files again: an image replaced under the
-    /// same name is prepared anew, an unchanged one is found in the cache.
-    pub(super) fn forget_finished(&mut self) {
-        self.states.retain(|_, s| matches!(s, ImageState::Preparing));
-    }
-
-    /// Forgets images no longer configured.
-    pub(super) fn retain(&mut self, paths: &[&Path]) {
-        self.states.retain(|p, _| paths.contains(&p.as_path()));
-    }
-
-    /// Forgets a failed image so the next card tries again (it may have
-    /// been fixed on disk).
-    pub(super) fn forget_failed(&mut self, path: &Path) {
-        if matches!(self.states.get(path), Some(ImageState::Failed(_))) {
-            self.states.remove(path);
-        }
-    }
-
-    pub(super) fn status(&self, order: &[&Path]) -> Vec<ImageStatus> {
-        order
-            .iter()
-            .filter_map(|path| {
-                let state = self.states.get(*path)?;
-                let mut s = ImageStatus {
-                    path: path.to_path_buf(),
-                    state: "preparing",
-                    format: None,
-                    raw_size: None,
-                    sha256: None,
-                    cached: false,
-                    error: None,
-                };
-                match state {
-                    ImageState::Preparing => {}
-                    ImageState::Ready(p) => {
-                        s.state = "ready";
-                        s.format = Some(p.format);
-                        s.raw_size = Some(p.raw_size);
-                        s.sha256 = Some(p.sha256.clone());
-                        s.cached = p.cached();
-                    }
-                    ImageState::Failed(e) => {
-                        s.state = "failed";
-                        s.error = Some(e.clone());
-                    }
-                }
-                Some(s)
-            })
-            .collect()
     }
 }
 

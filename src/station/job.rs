@@ -16,19 +16,11 @@ use tokio::sync::mpsc;
 
 use super::Msg;
 use super::images::Prepared;
+use super::machine::{Failure, FailureKind, Settings};
+use super::slot::{Card, Sample};
 use crate::guard::Guard;
-use crate::pipeline::{self, Cancel, EjectMode, JobError, Observer, Options, Report, Stage, StageOutcome};
-
-/// The card a job writes, as udev described it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Card {
-    pub devnode: PathBuf,
-    pub diskseq: Option<u64>,
-    pub size: u64,
-    pub serial: Option<String>,
-    pub vendor: Option<String>,
-    pub model: Option<String>,
-}
+use crate::model::{Stage, StageOutcome};
+use crate::pipeline::{self, Cancel, JobError, Observer, Options, Report};
 
 /// Byte counts of the running stage, written by the job, read by the station.
 #[derive(Debug, Default)]
@@ -38,14 +30,14 @@ pub(super) struct JobProgress {
     pub written: AtomicU64,
 }
 
-/// The configuration a job runs with, fixed when it starts: a reload does
-/// not change the settings of jobs in flight.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Settings {
-    pub verify: bool,
-    pub expand: bool,
-    pub resize: bool,
-    pub eject: EjectMode,
+impl JobProgress {
+    pub(super) fn sample(&self) -> Sample {
+        Sample {
+            done: self.done.load(Ordering::Relaxed),
+            total: self.total.load(Ordering::Relaxed),
+            written: self.written.load(Ordering::Relaxed),
+        }
+    }
 }
 
 /// Everything a job needs.
@@ -78,7 +70,23 @@ pub(super) async fn run(spec: JobSpec, tx: mpsc::Sender<Msg>) {
     .await
     .unwrap_or_else(|e| Err(JobError::Internal(format!("job panicked: {e}"))));
     super::inflight::end(&state_dir, &slot);
-    let _ = tx.send(Msg::Finished { job: id, result: Box::new(result) }).await;
+    let _ = tx.send(Msg::Finished { job: id, result: Box::new(result.map_err(|e| failure(&e))) }).await;
+}
+
+/// What the station core needs to know of a job's error.
+fn failure(e: &JobError) -> Failure {
+    let kind = match e {
+        JobError::Refused(_) => FailureKind::Refused,
+        JobError::Cancelled { .. } => FailureKind::Cancelled,
+        JobError::ImageChanged { image, .. } => FailureKind::ImageChanged(image.clone()),
+        e if e.is_io_failure() => FailureKind::Io,
+        _ => FailureKind::Other,
+    };
+    let message = match e {
+        JobError::Refused(r) => r.to_string(),
+        e => e.to_string(),
+    };
+    Failure { kind, message }
 }
 
 fn flash(spec: &JobSpec, observer: &JobObserver) -> Result<Report, JobError> {

@@ -185,3 +185,19 @@ pub struct JobRecord {
     /// Present when the job got as far as a report (always for `done`).
     pub report: Option<crate::pipeline::Report>,
 }
+
+/// One line of `state_dir/history.jsonl`: a finished card.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryRecord {
+    #[serde(serialize_with = "rfc3339")]
+    pub time: SystemTime,
+    pub slot: String,
+    pub port: String,
+    pub image: PathBuf,
+    pub state: SlotState,
+    pub error: Option<String>,
+    pub image_sha256: Option<String>,
+    /// Proof, per card: the card was read back and matched the image.
+    pub verified: bool,
+    pub report: Option<crate::pipeline::Report>,
+}
