@@ -289,18 +289,11 @@ impl Core {
         self.slots.iter().any(Slot::running)
     }
 
-    /// Images that queued cards wait to be written with and that are ready:
-    /// the shell checks that the files did not change before they are used.
-    pub fn images_in_use_soon(&self) -> Vec<PathBuf> {
-        let mut images: Vec<PathBuf> = Vec::new();
-        for id in &self.queue {
-            if let Some(slot) = self.slots.iter().find(|s| s.job_id() == Some(*id))
-                && matches!(self.images.get(&slot.config.image), Some(super::catalog::ImageState::Ready(_)))
-                && !images.contains(&slot.config.image)
-            {
-                images.push(slot.config.image.clone());
-            }
-        }
+    /// Images prepared and ready to be written: before an input that may
+    /// start a job, the shell checks that their files did not change.
+    pub fn ready_images(&self) -> Vec<PathBuf> {
+        let mut images: Vec<PathBuf> = self.config.images().into_iter().map(Path::to_owned).collect();
+        images.retain(|image| matches!(self.images.get(image), Some(super::catalog::ImageState::Ready(_))));
         images
     }
 

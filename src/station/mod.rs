@@ -13,10 +13,13 @@ mod history;
 mod images;
 pub mod inflight;
 mod job;
+mod logging;
 pub mod machine;
 mod scheduler;
 mod slot;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,10 +33,10 @@ use tokio_util::sync::CancellationToken;
 pub use catalog::{ImageFacts, Rebuild};
 pub use images::{Prepared, check_images, prepare, prune_cache};
 use job::{JobProgress, JobSpec};
-use machine::{Core, Effect, Failure, Input, Level, Now};
+use machine::{Core, Effect, Failure, Input, Now};
 pub use slot::Card;
 use slot::Sample;
-use status::{Event, LogLine, Snapshot};
+use status::{Event, Snapshot};
 
 use crate::config::Config;
 use crate::model::{Stage, StageOutcome};
@@ -251,7 +254,14 @@ impl Station {
     /// One input through the core and its effects through the shell; the
     /// reply, if the input was a command.
     fn run_core(&mut self, input: Input) -> Option<Result<String, String>> {
-        if !matches!(input, Input::Progress(_)) {
+        if matches!(
+            input,
+            Input::CardSeen { .. }
+                | Input::Finished { .. }
+                | Input::Prepared { .. }
+                | Input::Retry { .. }
+                | Input::Reload(_)
+        ) {
             self.notice_changed_images();
         }
         let effects = self.core.handle(input, Now::current());
@@ -268,7 +278,7 @@ impl Station {
     /// waiting for it wait for the new version. Checked before every input
     /// that may start a job, so no job starts with a stale image.
     fn notice_changed_images(&mut self) {
-        for image in self.core.images_in_use_soon() {
+        for image in self.core.ready_images() {
             if self.prepared.get(&image).is_some_and(|p| p.changed()) {
                 for effect in self.core.handle(Input::ImageChanged { image }, Now::current()) {
                     self.execute(effect);
@@ -301,16 +311,11 @@ impl Station {
             Effect::Rescan => {
                 let _ = self.rescan.try_send(crate::udev::Request::Rescan);
             }
-            Effect::Log(line) => self.log(line),
-            Effect::Note { level, message, image } => {
-                let image = image.as_ref().map(|p| tracing::field::display(p.display()));
-                match level {
-                    Level::Error => tracing::error!(image, "{message}"),
-                    Level::Warn => tracing::warn!(image, "{message}"),
-                    Level::Info => tracing::info!(image, "{message}"),
-                    Level::Debug => tracing::debug!(image, "{message}"),
-                }
+            Effect::Log(line) => {
+                let line = logging::slot_line(line);
+                let _ = self.events.send(Event::Log(Arc::new(line)));
             }
+            Effect::Note { level, message, image } => logging::note(level, &message, image.as_deref()),
             Effect::History(record) => self.history.append(&self.core.config.state_dir, *record),
             Effect::Finished(record) => {
                 let _ = self.events.send(Event::Finished(Arc::new(*record)));
@@ -350,31 +355,11 @@ impl Station {
             settings: start.settings,
             cancel,
             progress,
-            span: span(&start.context),
+            span: logging::span(&start.context),
             state_dir: self.core.config.state_dir.clone(),
             record,
         };
         tokio::spawn(job::run(spec, self.tx.clone()));
-    }
-
-    /// A job log line: to the journal (with the slot's fields) and to followers.
-    fn log(&self, line: machine::SlotLog) {
-        // The journal's message must stand on its own (`journalctl -f`
-        // shows nothing else): it starts with the slot's name.
-        let (name, stage, message) = (&line.context.slot, line.stage.as_str(), &line.message);
-        span(&line.context).in_scope(|| match line.level {
-            Level::Error => tracing::error!(stage, "{name}: {message}"),
-            Level::Warn => tracing::warn!(stage, "{name}: {message}"),
-            Level::Info | Level::Debug => tracing::info!(stage, "{name}: {message}"),
-        });
-        let level = match line.level {
-            Level::Error => "error",
-            Level::Warn => "warn",
-            Level::Info | Level::Debug => "info",
-        };
-        let line =
-            LogLine { time: line.time, slot: line.context.slot, level, stage: line.stage, message: line.message };
-        let _ = self.events.send(Event::Log(Arc::new(line)));
     }
 
     /// Cancels every job and waits (briefly) for them to stop.
@@ -394,26 +379,4 @@ impl Station {
         }
         self.apply(Input::Abandon);
     }
-}
-
-/// A slot's log context; journald gets SLOT, DEVNAME, DISKSEQ, SERIAL, IMAGE.
-fn span(c: &slot::LogContext) -> tracing::Span {
-    let span = tracing::info_span!(
-        "slot",
-        slot = %c.slot,
-        devname = tracing::field::Empty,
-        diskseq = tracing::field::Empty,
-        serial = tracing::field::Empty,
-        image = %c.image.display(),
-    );
-    if let Some(devname) = &c.devname {
-        span.record("devname", tracing::field::display(devname.display()));
-    }
-    if let Some(seq) = c.diskseq {
-        span.record("diskseq", seq);
-    }
-    if let Some(serial) = &c.serial {
-        span.record("serial", serial.as_str());
-    }
-    span
 }

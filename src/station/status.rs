@@ -44,7 +44,7 @@ pub struct Totals {
 
 impl Totals {
     pub fn record(&mut self, report: &crate::pipeline::Report) {
-        use crate::pipeline::{Stage, StageResult};
+        use crate::model::{Stage, StageResult};
         for stage in report.stages.iter().filter(|s| s.result == StageResult::Done) {
             match stage.stage {
                 Stage::Write => {
