@@ -308,7 +308,7 @@ fn write(image: &Path, target: &Path, opts: &Options, quiet: bool, json: bool) -
 /// hold an image of its claimed size, as a failed verification).
 fn probe(device: &Path, force: bool, json: bool) -> anyhow::Result<ExitCode> {
     let cancel = interruptible()?;
-    let target = flashbay::probe::open(device, &Guard::default(), force)?;
+    let target = pipeline::open_card(device, &Guard::default(), force)?;
     // The whole card, from byte 0: the probe puts back every block it
     // stamps, so nothing on the card needs keeping out of its way.
     let report = flashbay::probe::probe(&target, 0, &cancel)?;

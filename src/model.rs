@@ -1,10 +1,12 @@
 //! The vocabulary every part of flashbay shares: slot states, job stages,
-//! eject modes, LED patterns and roles. Plain data with their names and
+//! the stop switch of a job, eject modes, LED patterns and roles. Plain data with their names and
 //! parsers; this module depends on nothing else in the crate, so config,
 //! station, pipeline and report can all use it without depending on each
 //! other.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 
@@ -119,6 +121,32 @@ pub struct StageOutcome {
     pub result: StageResult,
     pub detail: String,
     pub seconds: f64,
+}
+
+// --- Stopping a job ---
+
+/// Asks a running job to stop at its next chunk.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// The flag, for a tool that must die with the job.
+    pub fn stop_flag(&self) -> &AtomicBool {
+        &self.0
+    }
+
+    /// The flag itself, for `signal_hook::flag::register`.
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.0)
+    }
 }
 
 // --- Eject ---

@@ -44,9 +44,8 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::blockdev::{ALIGN, Access, AlignedBuf, DeviceError, Target};
-use crate::guard::{Guard, Request};
-use crate::pipeline::{Cancel, JobError};
+use crate::blockdev::{ALIGN, AlignedBuf, DeviceError, Target};
+use crate::model::Cancel;
 use crate::units::Bytes;
 
 /// Blocks stamped across the probed region in the spread pass (plus the
@@ -157,35 +156,6 @@ impl fmt::Display for ProbeReport {
 pub fn probe(target: &Target, keep_below: u64, cancel: &Cancel) -> Result<ProbeReport, ProbeError> {
     let block = u64::try_from(target.block_size().max(ALIGN)).unwrap_or(ALIGN as u64);
     run(target, target.path(), target.size(), block, keep_below, fresh_salt(), cancel)
-}
-
-/// Opens a card for probing as `flashbay write` opens one for writing:
-/// exclusively, locked, and only if the guard agrees (not the system disk,
-/// nothing on it mounted, a whole disk, a removable one unless `force`).
-pub fn open(path: &Path, guard: &Guard, force: bool) -> Result<Target, JobError> {
-    // Opening for writing would create a missing regular file: a mistyped
-    // path must be an error, not an empty new "card".
-    if std::fs::metadata(path).is_err() {
-        return Err(DeviceError::Missing { path: path.to_owned() }.into());
-    }
-    // No image: the size check passes and "the target is the image" cannot
-    // match (an empty path has no inode).
-    let req = Request { image: Path::new(""), image_size: 0, force };
-    match Target::open(path, Access::Write) {
-        Ok(target) => {
-            guard.check(&target, &req)?;
-            Ok(target)
-        }
-        // Ask the guard through a shared open, so the operator learns why
-        // the device is busy (e.g. "/media/card is mounted from it").
-        Err(busy @ DeviceError::Busy { .. }) => {
-            if let Ok(shared) = Target::open(path, Access::Read) {
-                guard.check(&shared, &req)?;
-            }
-            Err(busy.into())
-        }
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The device as the probe sees it: a seam, so unit tests can play

@@ -29,7 +29,6 @@ mod write;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -39,7 +38,7 @@ use crate::guard::{Guard, Refusal, Request};
 use crate::image::{BlockDigests, Format, Hashes, Image, ImageError};
 use crate::tools::ToolError;
 
-pub use crate::model::{EjectMode, Stage, StageOutcome, StageResult};
+pub use crate::model::{Cancel, EjectMode, Stage, StageOutcome, StageResult};
 pub use write::HEAD;
 
 /// Default I/O size: large enough to reach a card's sequential speed,
@@ -72,32 +71,9 @@ pub trait Observer: Send + Sync {
     fn outcome(&self, _outcome: &StageOutcome) {}
 }
 
-/// Asks a running job to stop at its next chunk.
-#[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
-
-impl Cancel {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    /// The flag, for a tool that must die with the job.
-    pub fn stop_flag(&self) -> &AtomicBool {
-        &self.0
-    }
-
-    /// The flag itself, for `signal_hook::flag::register`.
-    pub fn flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.0)
-    }
-
-    fn check(&self, target: &Target) -> Result<(), JobError> {
-        if self.is_cancelled() { Err(JobError::Cancelled { device: target.path().to_owned() }) } else { Ok(()) }
-    }
+/// The job's end if it was asked to stop: checked between chunks.
+fn stopped(cancel: &Cancel, target: &Target) -> Result<(), JobError> {
+    if cancel.is_cancelled() { Err(JobError::Cancelled { device: target.path().to_owned() }) } else { Ok(()) }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -325,7 +301,7 @@ impl Job<'_> {
         let device = target.path().to_owned();
         let expected = target.diskseq();
         if opts.expand || opts.resize {
-            cancel.check(target)?;
+            stopped(cancel, target)?;
             target.release_claim()?;
             if opts.expand {
                 target.ensure_media(expected)?;
@@ -334,7 +310,7 @@ impl Job<'_> {
                 })?;
             }
             if opts.resize {
-                cancel.check(target)?;
+                stopped(cancel, target)?;
                 target.ensure_media(expected)?;
                 let dev = target.dev();
                 self.stages.run(Stage::Resize, || {
@@ -351,7 +327,7 @@ impl Job<'_> {
             }
         }
         if let (Some(dev), false) = (target.dev(), opts.eject == EjectMode::None) {
-            cancel.check(target)?;
+            stopped(cancel, target)?;
             // From here on the card is complete: an eject that fails does
             // not make it any less flashed.
             *started = false;
@@ -413,6 +389,20 @@ pub fn verify_only(
     let reference = verify::Reference::Image(image.chunks(chunk_size, Hashes::default())?);
     verify::run(&target, reference, raw_size, chunk_size, true, observer, cancel)?
         .ok_or_else(|| JobError::Internal("verification ended without a digest".into()))
+}
+
+/// Opens a card for a job of its own (the probe) as a write opens one:
+/// exclusively, locked, and only if the guard agrees (not the system disk,
+/// nothing on it mounted, a whole disk, a removable one unless `force`).
+pub fn open_card(path: &Path, guard: &Guard, force: bool) -> Result<Target, JobError> {
+    // Opening for writing would create a missing regular file: a mistyped
+    // path must be an error, not an empty new "card".
+    if std::fs::metadata(path).is_err() {
+        return Err(DeviceError::Missing { path: path.to_owned() }.into());
+    }
+    // No image: the size check passes and "the target is the image" cannot
+    // match (an empty path has no inode).
+    open_checked(path, &Request { image: Path::new(""), image_size: 0, force }, guard)
 }
 
 /// Opens the target exclusively and asks the guard. When the exclusive open

@@ -41,7 +41,7 @@ pub(super) fn run(
     let mut checked = 0u64;
     while let Some(chunk) = card.next_chunk() {
         let chunk = chunk?;
-        cancel.check(target)?;
+        super::stopped(cancel, target)?;
         let mismatch = match &mut reference {
             Reference::Blocks(blocks) => blocks.check(chunk.offset, chunk.data()).err(),
             Reference::Image(image) => {

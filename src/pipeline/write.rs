@@ -47,7 +47,7 @@ pub(super) fn run(
     let mut written = 0u64;
     while let Some(chunk) = chunks.next_chunk() {
         let mut chunk = chunk?;
-        cancel.check(target)?;
+        super::stopped(cancel, target)?;
         // A swapped card must not get the rest of someone else's image.
         target.ensure_media(diskseq)?;
         let end = chunk.end();
@@ -80,7 +80,7 @@ pub(super) fn run(
         return Err(ImageError::SizeChanged { path, expected: raw_size, found: written }.into());
     }
     target.sync()?;
-    cancel.check(target)?;
+    super::stopped(cancel, target)?;
     // The table makes the card look flashed: only onto the card we wrote.
     target.ensure_media(diskseq)?;
     write_padded(target, &mut head, 0, head_len, 0)?;

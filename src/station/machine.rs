@@ -21,7 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::catalog::{Catalog, ImageFacts, Rebuild};
+use super::catalog::{Catalog, ImageFacts, ImageState, Rebuild};
+use super::scheduler::{self, Decision};
 use super::slot::{Card, Job, LogContext, Sample, Slot, StopReason};
 use super::status::{HistoryRecord, JobRecord, SlotStatus, Snapshot, Summary, Totals};
 use crate::config::Config;
@@ -208,23 +209,23 @@ pub enum Effect {
 
 #[derive(Debug)]
 pub struct Core {
-    pub(super) config: Arc<Config>,
-    pub(super) slots: Vec<Slot>,
+    config: Arc<Config>,
+    slots: Vec<Slot>,
     /// Job ids of cards waiting for a writer, in insertion order.
-    pub(super) queue: VecDeque<u64>,
-    pub(super) images: Catalog,
+    queue: VecDeque<u64>,
+    images: Catalog,
     /// Jobs whose card was replaced, by id: (slot name, device). They end
     /// on their own, still count against `concurrency`, and a new job on
     /// the same device waits for them.
-    pub(super) orphans: HashMap<u64, (String, PathBuf)>,
+    orphans: HashMap<u64, (String, PathBuf)>,
     next_job: u64,
     summary: Summary,
     totals: Totals,
     version: u64,
     /// Shutting down: nothing new starts.
-    pub(super) stopping: bool,
-    pub(super) now: Now,
-    pub(super) out: Vec<Effect>,
+    stopping: bool,
+    now: Now,
+    out: Vec<Effect>,
 }
 
 impl Core {
@@ -279,6 +280,11 @@ impl Core {
         std::mem::take(&mut self.out)
     }
 
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Jobs running, those of replaced cards included.
     pub fn running(&self) -> usize {
         self.orphans.len() + self.slots.iter().filter(|s| s.running()).count()
@@ -293,7 +299,7 @@ impl Core {
     /// start a job, the shell checks that their files did not change.
     pub fn ready_images(&self) -> Vec<PathBuf> {
         let mut images: Vec<PathBuf> = self.config.images().into_iter().map(Path::to_owned).collect();
-        images.retain(|image| matches!(self.images.get(image), Some(super::catalog::ImageState::Ready(_))));
+        images.retain(|image| matches!(self.images.get(image), Some(ImageState::Ready(_))));
         images
     }
 
@@ -520,7 +526,7 @@ impl Core {
 
     /// The one end of every card's job: state, counters, journal, history,
     /// followers. `error` is the one-line reason of a failed or refused card.
-    pub(super) fn finish(&mut self, i: usize, state: SlotState, error: Option<String>, report: Option<&Report>) {
+    fn finish(&mut self, i: usize, state: SlotState, error: Option<String>, report: Option<&Report>) {
         let wall = self.now.wall;
         let slot = &mut self.slots[i];
         slot.job = None;
@@ -577,7 +583,7 @@ impl Core {
         self.schedule();
     }
 
-    pub(super) fn prepare(&mut self, image: &Path, rebuild: Rebuild) {
+    fn prepare(&mut self, image: &Path, rebuild: Rebuild) {
         if self.images.begin(image) {
             self.note(Level::Info, image, "preparing image".into());
             self.out.push(Effect::Prepare { image: image.to_owned(), rebuild });
@@ -747,12 +753,65 @@ impl Core {
     }
 
     /// A slot changed: publish, and tell followers about the slot.
-    pub(super) fn slot_changed(&mut self, i: usize) {
+    fn slot_changed(&mut self, i: usize) {
         self.changed();
         self.out.push(Effect::Slot(Box::new(self.slots[i].status())));
     }
 
-    pub(super) fn settings(&self) -> Settings {
+    /// Starts every queued job that can start, in insertion order; see
+    /// [`scheduler`].
+    fn schedule(&mut self) {
+        if self.stopping {
+            return;
+        }
+        let concurrency = self.config.concurrency;
+        while let Some(decision) =
+            scheduler::next(&self.queue, &self.slots, &self.images, &self.orphans, self.running(), concurrency)
+        {
+            match decision {
+                Decision::Forget { job } => self.queue.retain(|&j| j != job),
+                Decision::Prepare(image) => self.prepare(&image, Rebuild::IfNeeded),
+                Decision::Fail { job, slot, error } => {
+                    self.queue.retain(|&j| j != job);
+                    // Let the next card retry, in case the image was fixed.
+                    let image = self.slots[slot].config.image.clone();
+                    self.images.forget_failed(&image);
+                    self.finish(slot, SlotState::Failed, Some(error), None);
+                }
+                Decision::Start { job, slot } => {
+                    self.queue.retain(|&j| j != job);
+                    self.start_job(slot);
+                }
+            }
+        }
+    }
+
+    fn start_job(&mut self, s: usize) {
+        let settings = self.settings();
+        let wall = self.now.wall;
+        let sha256 = match self.images.get(&self.slots[s].config.image) {
+            Some(ImageState::Ready(facts)) => Some(facts.sha256.clone()),
+            _ => None,
+        };
+        let slot = &mut self.slots[s];
+        let (Some(job), Some(card)) = (slot.job.as_mut(), slot.card.clone()) else { return };
+        job.running = true;
+        slot.jobs += 1;
+        slot.image_sha256 = sha256;
+        slot.started_at = Some(wall);
+        let start = Start {
+            job: job.id,
+            slot: slot.config.name.clone(),
+            port: slot.config.port.clone(),
+            card,
+            image: slot.config.image.clone(),
+            settings,
+            context: slot.context(),
+        };
+        self.out.push(Effect::Start(Box::new(start)));
+    }
+
+    fn settings(&self) -> Settings {
         Settings {
             verify: self.config.verify,
             expand: self.config.expand,

@@ -189,7 +189,7 @@ impl Station {
             Msg::Outcome { job, outcome } => self.apply(Input::Outcome { job, outcome }),
             Msg::Finished { job, result } => self.finished(job, *result),
             Msg::Prepared { image, result } => {
-                let configured = self.core.config.images().contains(&image.as_path());
+                let configured = self.core.config().images().contains(&image.as_path());
                 let result = result.map(|p| {
                     let facts = ImageFacts {
                         format: p.format,
@@ -296,14 +296,14 @@ impl Station {
                 }
             }
             Effect::Prepare { image, rebuild } => {
-                let (cache, tx) = (self.core.config.cache_dir.clone(), self.tx.clone());
+                let (cache, tx) = (self.core.config().cache_dir.clone(), self.tx.clone());
                 tokio::task::spawn_blocking(move || {
                     let result = images::prepare(&image, &cache, rebuild);
                     let _ = tx.blocking_send(Msg::Prepared { image, result });
                 });
             }
             Effect::PruneCache { keep } => {
-                let cache = self.core.config.cache_dir.clone();
+                let cache = self.core.config().cache_dir.clone();
                 tokio::task::spawn_blocking(move || {
                     prune_cache(&cache, &keep.iter().map(PathBuf::as_path).collect::<Vec<_>>());
                 });
@@ -316,7 +316,7 @@ impl Station {
                 let _ = self.events.send(Event::Log(Arc::new(line)));
             }
             Effect::Note { level, message, image } => logging::note(level, &message, image.as_deref()),
-            Effect::History(record) => self.history.append(&self.core.config.state_dir, *record),
+            Effect::History(record) => self.history.append(&self.core.config().state_dir, *record),
             Effect::Finished(record) => {
                 let _ = self.events.send(Event::Finished(Arc::new(*record)));
             }
@@ -356,7 +356,7 @@ impl Station {
             cancel,
             progress,
             span: logging::span(&start.context),
-            state_dir: self.core.config.state_dir.clone(),
+            state_dir: self.core.config().state_dir.clone(),
             record,
         };
         tokio::spawn(job::run(spec, self.tx.clone()));

@@ -7,74 +7,53 @@
 //! replaced waits for that job. Concurrency is a count of running jobs, not
 //! a pool of permits, so lowering and raising it in quick succession
 //! cannot lose a writer.
+//!
+//! A pure function of the queue, the slots and the images: the core asks
+//! for one decision at a time and applies it, until there is none.
 
-use super::catalog::ImageState;
-use super::machine::{Core, Effect, Start};
-use crate::model::SlotState;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 
-impl Core {
-    /// Starts every queued job that can start, in insertion order.
-    pub(super) fn schedule(&mut self) {
-        if self.stopping {
-            return;
-        }
-        let mut i = 0;
-        while i < self.queue.len() {
-            let id = self.queue[i];
-            let Some(s) = self.slots.iter().position(|s| s.job_id() == Some(id)) else {
-                self.queue.remove(i);
-                continue;
-            };
-            let image = self.slots[s].config.image.clone();
-            match self.images.get(&image) {
-                None => {
-                    self.prepare(&image, super::catalog::Rebuild::IfNeeded);
-                    i += 1;
-                }
-                Some(ImageState::Preparing) => i += 1,
-                Some(ImageState::Failed(e)) => {
-                    let e = e.clone();
-                    self.queue.remove(i);
-                    // Let the next card retry, in case the image was fixed.
-                    self.images.forget_failed(&image);
-                    self.finish(s, SlotState::Failed, Some(e), None);
-                }
-                // The job for the card this one replaced still holds the device.
-                Some(ImageState::Ready(_)) if self.device_held_by_orphan(s) => i += 1,
-                Some(ImageState::Ready(facts)) => {
-                    if self.running() >= self.config.concurrency {
-                        break;
-                    }
-                    let sha256 = facts.sha256.clone();
-                    self.queue.remove(i);
-                    self.start_job(s, sha256);
-                }
-            }
-        }
-    }
+use super::catalog::{Catalog, ImageState};
+use super::slot::Slot;
 
-    fn device_held_by_orphan(&self, s: usize) -> bool {
-        self.slots[s].card.as_ref().is_some_and(|c| self.orphans.values().any(|(_, d)| *d == c.devnode))
-    }
+/// The next thing to do for the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Decision {
+    /// The job's slot is gone: drop it from the queue.
+    Forget { job: u64 },
+    /// A waiting card needs this image, which nobody is preparing.
+    Prepare(PathBuf),
+    /// The card's image is unusable: the card fails with its error.
+    Fail { job: u64, slot: usize, error: String },
+    /// Give the card a writer.
+    Start { job: u64, slot: usize },
+}
 
-    fn start_job(&mut self, s: usize, sha256: String) {
-        let settings = self.settings();
-        let wall = self.now.wall;
-        let slot = &mut self.slots[s];
-        let (Some(job), Some(card)) = (slot.job.as_mut(), slot.card.clone()) else { return };
-        job.running = true;
-        slot.jobs += 1;
-        slot.image_sha256 = Some(sha256);
-        slot.started_at = Some(wall);
-        let start = Start {
-            job: job.id,
-            slot: slot.config.name.clone(),
-            port: slot.config.port.clone(),
-            card,
-            image: slot.config.image.clone(),
-            settings,
-            context: slot.context(),
+/// What the queue needs next; `None` when every waiting card waits.
+pub(super) fn next(
+    queue: &VecDeque<u64>,
+    slots: &[Slot],
+    images: &Catalog,
+    orphans: &HashMap<u64, (String, PathBuf)>,
+    running: usize,
+    concurrency: usize,
+) -> Option<Decision> {
+    for &job in queue {
+        let Some(slot) = slots.iter().position(|s| s.job_id() == Some(job)) else {
+            return Some(Decision::Forget { job });
         };
-        self.out.push(Effect::Start(Box::new(start)));
+        let image = &slots[slot].config.image;
+        match images.get(image) {
+            None => return Some(Decision::Prepare(image.clone())),
+            Some(ImageState::Preparing) => {}
+            Some(ImageState::Failed(error)) => return Some(Decision::Fail { job, slot, error: error.clone() }),
+            // The job for the card this one replaced still holds the device.
+            Some(ImageState::Ready(_))
+                if slots[slot].card.as_ref().is_some_and(|c| orphans.values().any(|(_, d)| *d == c.devnode)) => {}
+            Some(ImageState::Ready(_)) if running >= concurrency => return None,
+            Some(ImageState::Ready(_)) => return Some(Decision::Start { job, slot }),
+        }
     }
+    None
 }

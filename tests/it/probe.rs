@@ -182,6 +182,6 @@ fn flashbay_probe_refuses_a_mounted_card() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("is mounted from"), "{stderr}");
-    let err = probe::open(&dev.dev, &Guard::default(), false).unwrap_err();
+    let err = flashbay::pipeline::open_card(&dev.dev, &Guard::default(), false).unwrap_err();
     assert!(matches!(err, JobError::Refused(_)), "{err}");
 }
