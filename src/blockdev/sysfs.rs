@@ -124,6 +124,13 @@ impl Sysfs {
         fs::read_to_string(block.syspath.join(attr)).is_ok_and(|s| s.trim() == "1")
     }
 
+    /// Whether the disk hangs off a SCSI host and target (USB mass storage,
+    /// SATA): it takes SCSI commands such as START STOP UNIT.
+    pub fn is_scsi(&self, disk: &SysBlock) -> bool {
+        let path = disk.syspath.to_string_lossy();
+        path.contains("/host") && path.contains("/target")
+    }
+
     pub fn bus(&self, disk: &SysBlock) -> Bus {
         let path = disk.syspath.to_string_lossy();
         if disk.name.starts_with("loop") && path.contains("/virtual/") {

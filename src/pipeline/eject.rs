@@ -45,8 +45,7 @@ pub fn run(path: &Path, dev: DevNum, mode: EjectMode, env: &Env<'_>) -> Result<O
     }
 
     let disk = env.sysfs.block(dev).map_err(|e| format!("{}: sysfs: {e}", path.display()))?;
-    let syspath = disk.syspath.to_string_lossy();
-    if !(syspath.contains("/host") && syspath.contains("/target")) {
+    if !env.sysfs.is_scsi(&disk) {
         return Ok(Outcome::done(format!("synced only: {} has no SCSI/USB parent to {}", path.display(), mode.name())));
     }
     let usb = usb_device(&disk.syspath);

@@ -668,3 +668,20 @@ fn every_slot_line_names_its_slot_and_card() {
     assert_eq!((log.stage.as_str(), log.context.slot.as_str(), log.context.diskseq), ("queued", "A1", Some(7)));
     assert_eq!(log.context.image, PathBuf::from(IMAGE));
 }
+
+#[test]
+fn a_finished_slot_empties_when_pulled_and_takes_the_next_card() {
+    let mut b = Bench::new(&slots(1, 1, ""));
+    b.insert(1, 1);
+    let job = b.start_one();
+    b.finish(job, Err(failure(FailureKind::Refused, "/dev/sdb: write-protected")));
+    b.remove(1);
+    assert_eq!((b.state("A1"), b.error("A1")), (SlotState::Empty, None));
+    b.insert(1, 2);
+    let job = b.start_one();
+    b.done(job);
+    // A new card straight after, with no removal event in between.
+    b.insert(1, 3);
+    assert_eq!((b.state("A1"), b.started().len()), (SlotState::Queued, 1));
+    assert_eq!(b.slot("A1").stages.len(), 0, "the last card's stages are gone");
+}
