@@ -7,27 +7,12 @@
 //! last partition and filesystem, eject. The same job is available one-shot
 //! as `flashbay write`.
 //!
-//! How the pieces fit (see `flashbay run`, the daemon):
+//! How the pieces fit, the layers and the rules are in
+//! `docs/architecture.md` (checked by `scripts/check-modules`). In short:
 //!
-//! ```text
-//! udev (kernel → systemd-udevd)            config (YAML → validated Config)
-//!   │ udev: DeviceEvent {devnode, ID_PATH, DISKSEQ, size, serial, model}
-//!   ▼
-//! station ─ one state machine per slot (port = ID_PATH), a job per new
-//!   │       DISKSEQ, FIFO queue, concurrency permits, images prepared once
-//!   ▼
-//! pipeline ─ one job on one card: write → verify → expand → resize → eject
-//!   │        (image decodes, blockdev does O_DIRECT I/O, guard says yes first)
-//!   ▼
-//! published state: a snapshot (watch) and an ordered event stream (broadcast)
-//!   ├─ report::journal      tracing → journald fields SLOT, DEVNAME, DISKSEQ, STAGE …
-//!   ├─ report::status_file  atomic JSON
-//!   ├─ report::http         /api/status, /api/events (SSE), /metrics, the page
-//!   ├─ report::leds         Linux LED class
-//!   ├─ report::hooks        operator commands
-//!   └─ report::notify       READY / STATUS / WATCHDOG / RELOADING / STOPPING
-//! ```
-//!
+//! - [`model`] is the shared vocabulary (slot states, stages, eject modes,
+//!   LED patterns); [`config`] turns YAML into a validated [`config::Config`]
+//!   without touching anything else.
 //! - [`image`] classifies an image by magic bytes (raw, xz, gzip, zstd),
 //!   knows its raw size and streams its bytes, naming the compressed
 //!   offset of any damage.
@@ -36,9 +21,10 @@
 //!   util-linux; sends SCSI commands.
 //! - [`guard`] decides whether a target may be written at all.
 //! - [`pipeline`] is one job, used alike by `flashbay write` and the daemon.
-//! - [`config`], [`udev`], [`station`], [`report`], [`tasks`] and
-//!   [`daemon`] make the daemon; [`learn`] and [`udev_rules`] are other
-//!   commands (the binary holds `demo` and the `status` client).
+//! - [`station`] is the daemon's brain: a pure core (slot state machines,
+//!   scheduler) and the async shell that runs its jobs; [`udev`] feeds it,
+//!   [`report`] follows what it publishes, [`daemon`] and [`tasks`] wire
+//!   it up. [`learn`] and [`udev_rules`] are other commands.
 //!
 //! Device work is synchronous and runs on plain threads (the daemon uses
 //! tokio's blocking pool); everything else is async on tokio.

@@ -13,7 +13,7 @@
 //! the meantime is never written by a stale job.
 //!
 //! Every end of a card's job (done, failed, refused, cancelled while
-//! queued, image unusable, interrupted) goes through [`Core::finish`]:
+//! queued, image unusable, interrupted) goes through `Core::finish`:
 //! counters, history, events and the journal cannot disagree.
 
 use std::collections::{HashMap, VecDeque};
