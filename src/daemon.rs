@@ -49,7 +49,7 @@ pub async fn run(config_path: PathBuf) -> anyhow::Result<()> {
         let jobs = interrupted.clone();
         tokio::task::spawn_blocking(move || crate::station::inflight::recover(&jobs)).await?;
     }
-    let (station, handles) = Station::new(Arc::clone(&config), rescan_tx, url.clone(), interrupted)?;
+    let (station, handles) = Station::new(Arc::clone(&config), rescan_tx, url.clone(), interrupted);
     // Followers subscribe before the station runs, so they miss nothing.
     let hook_events = handles.events.resubscribe();
     tasks.spawn("station", station.run(devices, shutdown.clone()));

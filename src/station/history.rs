@@ -1,56 +1,27 @@
-//! `state_dir/history.jsonl`: one line per finished card, appended by a
-//! thread of its own, so that the station's loop never waits on the disk.
-//! Lines are written in the order the cards finished; closing waits for
-//! every line sent.
+//! `state_dir/history.jsonl`: one line per finished card, keys sorted, in
+//! the order the cards finished. A line is on disk before the card is
+//! shown finished anywhere (status, events, hooks), so whoever reacts to a
+//! finished card finds its line, and a crash right after loses none.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
+use std::path::Path;
 
 use super::status::HistoryRecord;
 
-#[derive(Debug)]
-pub(super) struct History {
-    tx: Option<mpsc::Sender<(PathBuf, HistoryRecord)>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl History {
-    pub(super) fn start() -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::channel::<(PathBuf, HistoryRecord)>();
-        let thread = std::thread::Builder::new().name("history".into()).spawn(move || {
-            for (dir, record) in rx {
-                let path = dir.join("history.jsonl");
-                if let Err(e) = append(&dir, &path, &record) {
-                    tracing::warn!("cannot append to {}: {e}", path.display());
-                }
-            }
-        })?;
-        Ok(Self { tx: Some(tx), thread: Some(thread) })
+/// Appends a line. The write is small but the station's own storage may be
+/// slow (a worn SD card): it runs with the runtime told that this thread
+/// blocks, so the other tasks (HTTP, LEDs, the watchdog) go on meanwhile.
+pub(super) fn append(state_dir: &Path, record: &HistoryRecord) {
+    let path = state_dir.join("history.jsonl");
+    let write = || -> std::io::Result<()> {
+        // Through a `Value`, whose maps are sorted: the keys' order stays
+        // the same whatever the struct's field order.
+        let line = serde_json::to_value(record).map_err(std::io::Error::other)?.to_string();
+        std::fs::create_dir_all(state_dir)?;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        writeln!(f, "{line}")
+    };
+    if let Err(e) = tokio::task::block_in_place(write) {
+        tracing::warn!("cannot append to {}: {e}", path.display());
     }
-
-    /// Queues a line for `state_dir/history.jsonl`.
-    pub(super) fn append(&self, state_dir: &Path, record: HistoryRecord) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send((state_dir.to_owned(), record));
-        }
-    }
-}
-
-impl Drop for History {
-    /// Every queued line is on disk before the daemon goes on to exit.
-    fn drop(&mut self) {
-        self.tx = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-fn append(dir: &Path, path: &Path, record: &HistoryRecord) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    let line = serde_json::to_string(record).map_err(std::io::Error::other)?;
-    writeln!(f, "{line}")
 }

@@ -2,9 +2,7 @@
 //! entries with the slot's fields (SLOT, DEVNAME, DISKSEQ, SERIAL, IMAGE,
 //! STAGE), and as [`LogLine`]s for followers.
 
-use std::path::Path;
-
-use super::machine::{Level, SlotLog};
+use super::machine::{Level, NoteFields, SlotLog};
 use super::slot::LogContext;
 use super::status::LogLine;
 
@@ -27,14 +25,15 @@ pub(super) fn slot_line(line: SlotLog) -> LogLine {
     LogLine { time: line.time, slot: line.context.slot, level, stage: line.stage, message: line.message }
 }
 
-/// A station-level line, with the image's field when it is about one.
-pub(super) fn note(level: Level, message: &str, image: Option<&Path>) {
-    let image = image.map(|p| tracing::field::display(p.display()));
+/// A station-level line, with the fields that are set.
+pub(super) fn note(level: Level, message: &str, fields: &NoteFields) {
+    let image = fields.image.as_ref().map(|p| tracing::field::display(p.display()));
+    let (sha256, slot) = (fields.sha256.as_deref(), fields.slot.as_deref());
     match level {
-        Level::Error => tracing::error!(image, "{message}"),
-        Level::Warn => tracing::warn!(image, "{message}"),
-        Level::Info => tracing::info!(image, "{message}"),
-        Level::Debug => tracing::debug!(image, "{message}"),
+        Level::Error => tracing::error!(image, sha256, slot, "{message}"),
+        Level::Warn => tracing::warn!(image, sha256, slot, "{message}"),
+        Level::Info => tracing::info!(image, sha256, slot, "{message}"),
+        Level::Debug => tracing::debug!(image, sha256, slot, "{message}"),
     }
 }
 

@@ -64,6 +64,7 @@ pub enum Input {
     /// The disk on `port` lost its media or went away.
     CardGone {
         port: String,
+        devnode: PathBuf,
     },
     Stage {
         job: u64,
@@ -82,10 +83,6 @@ pub enum Input {
     Prepared {
         image: PathBuf,
         result: Result<ImageFacts, String>,
-    },
-    /// The configured file is no longer the one prepared.
-    ImageChanged {
-        image: PathBuf,
     },
     /// Byte counts of running jobs.
     Progress(Vec<(u64, Sample)>),
@@ -174,6 +171,14 @@ pub struct SlotLog {
     pub time: SystemTime,
 }
 
+/// Journal fields of a station-level line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NoteFields {
+    pub image: Option<PathBuf>,
+    pub sha256: Option<String>,
+    pub slot: Option<String>,
+}
+
 /// What the shell must do, in order.
 #[derive(Debug)]
 pub enum Effect {
@@ -190,19 +195,19 @@ pub enum Effect {
     /// List the slots' disks again (new slots may hold cards).
     Rescan,
     Log(SlotLog),
-    /// A station-level journal line, about `image` if set.
+    /// A station-level journal line, with the fields that are set.
     Note {
         level: Level,
         message: String,
-        image: Option<PathBuf>,
+        fields: NoteFields,
     },
     History(Box<HistoryRecord>),
     /// To followers: a card is finished.
     Finished(Box<JobRecord>),
     /// To followers: a slot changed or progressed.
     Slot(Box<SlotStatus>),
-    /// The state changed: publish a new snapshot.
-    Publish,
+    /// The state changed: publish this snapshot (its `http` is the shell's).
+    Publish(Box<Snapshot>),
     /// A command's answer.
     Reply(Result<String, String>),
 }
@@ -225,6 +230,8 @@ pub struct Core {
     /// Shutting down: nothing new starts.
     stopping: bool,
     now: Now,
+    /// Prepared images whose file changed, as the shell found them.
+    stale: Vec<PathBuf>,
     out: Vec<Effect>,
 }
 
@@ -243,27 +250,26 @@ impl Core {
             version: 0,
             stopping: false,
             now: Now::current(),
+            stale: Vec::new(),
             out: Vec::new(),
         }
     }
 
     /// Reacts to one input; returns what the shell must do, in order.
-    pub fn handle(&mut self, input: Input, now: Now) -> Vec<Effect> {
+    /// `stale` names prepared images whose file has changed since (replaced
+    /// or rewritten): a card about to be given a writer for one of them
+    /// waits for a new preparation instead.
+    pub fn handle(&mut self, input: Input, now: Now, stale: &[PathBuf]) -> Vec<Effect> {
         self.now = now;
+        self.stale = stale.to_vec();
         match input {
             Input::Start { interrupted } => self.start(interrupted),
             Input::CardSeen { port, card, at_start } => self.card_seen(&port, card, at_start),
-            Input::CardGone { port } => self.card_gone(&port),
+            Input::CardGone { port, devnode } => self.card_gone(&port, &devnode),
             Input::Stage { job, stage } => self.on_stage(job, stage),
             Input::Outcome { job, outcome } => self.on_outcome(job, outcome),
             Input::Finished { job, end, last } => self.on_finished(job, &end, last),
             Input::Prepared { image, result } => self.on_prepared(&image, result),
-            Input::ImageChanged { image } => {
-                self.note(Level::Info, &image, "image changed since it was prepared: preparing it again".into());
-                self.images.forget(&image);
-                self.prepare(&image, Rebuild::IfNeeded);
-                self.schedule();
-            }
             Input::Progress(samples) => self.on_progress(&samples),
             Input::Cancel { slot } => {
                 let reply = self.cancel(&slot);
@@ -293,14 +299,6 @@ impl Core {
     /// Whether a slot still waits for its job to stop.
     pub fn busy(&self) -> bool {
         self.slots.iter().any(Slot::running)
-    }
-
-    /// Images prepared and ready to be written: before an input that may
-    /// start a job, the shell checks that their files did not change.
-    pub fn ready_images(&self) -> Vec<PathBuf> {
-        let mut images: Vec<PathBuf> = self.config.images().into_iter().map(Path::to_owned).collect();
-        images.retain(|image| matches!(self.images.get(image), Some(ImageState::Ready(_))));
-        images
     }
 
     /// The whole station as the reporters see it.
@@ -402,8 +400,11 @@ impl Core {
         self.queue.push_back(id);
     }
 
-    fn card_gone(&mut self, port: &str) {
-        let Some(i) = self.slots.iter().position(|s| !s.retired && s.config.port == port) else { return };
+    fn card_gone(&mut self, port: &str, devnode: &Path) {
+        let Some(i) = self.slots.iter().position(|s| !s.retired && s.config.port == port) else {
+            self.note_plain(Level::Debug, format!("ignoring {}: ID_PATH {port} is not a slot", devnode.display()));
+            return;
+        };
         let slot = &mut self.slots[i];
         if slot.card.is_none() && slot.job.is_none() {
             return;
@@ -485,7 +486,9 @@ impl Core {
         }
         if let Some((slot, _)) = self.orphans.remove(&id) {
             let how = end.as_ref().map_or_else(|f| f.message.clone(), |_| "done".to_owned());
-            self.note_plain(Level::Info, format!("{slot}: job for a replaced card ended: {how}"));
+            let message = format!("{slot}: job for a replaced card ended: {how}");
+            let fields = NoteFields { slot: Some(slot), ..NoteFields::default() };
+            self.out.push(Effect::Note { level: Level::Info, message, fields });
             self.schedule();
             return;
         }
@@ -574,7 +577,9 @@ impl Core {
             Ok(p) => {
                 let how = if p.cached { ", decompressed into the cache" } else { "" };
                 let size = crate::units::Bytes(p.raw_size);
-                self.note(Level::Info, image, format!("image ready: {size} raw{how} (sha256 {})", p.sha256));
+                let fields = NoteFields { image: Some(image.to_owned()), sha256: Some(p.sha256.clone()), slot: None };
+                let message = format!("image ready: {size} raw{how}");
+                self.out.push(Effect::Note { level: Level::Info, message, fields });
             }
             Err(e) => self.note(Level::Error, image, format!("image unusable: {e}")),
         }
@@ -633,14 +638,15 @@ impl Core {
     fn on_progress(&mut self, samples: &[(u64, Sample)]) {
         let now = self.now.at;
         let mut any = false;
-        for &(id, sample) in samples {
-            let Some(slot) = self.slots.iter_mut().find(|s| s.running() && s.job_id() == Some(id)) else { continue };
+        // In slot order, as the page lists them.
+        for slot in self.slots.iter_mut().filter(|s| s.running()) {
+            let Some(&(_, sample)) = samples.iter().find(|(id, _)| slot.job_id() == Some(*id)) else { continue };
             slot.meter.sample(sample, now);
             self.out.push(Effect::Slot(Box::new(slot.status())));
             any = true;
         }
         if any {
-            self.out.push(Effect::Publish);
+            self.publish();
         }
     }
 
@@ -739,17 +745,25 @@ impl Core {
     }
 
     fn note(&mut self, level: Level, image: &Path, message: String) {
-        self.out.push(Effect::Note { level, message, image: Some(image.to_owned()) });
+        let fields = NoteFields { image: Some(image.to_owned()), ..NoteFields::default() };
+        self.out.push(Effect::Note { level, message, fields });
     }
 
     fn note_plain(&mut self, level: Level, message: String) {
-        self.out.push(Effect::Note { level, message, image: None });
+        self.out.push(Effect::Note { level, message, fields: NoteFields::default() });
     }
 
     /// A state change: a new snapshot version.
     fn changed(&mut self) {
         self.version += 1;
-        self.out.push(Effect::Publish);
+        self.publish();
+    }
+
+    /// The state as it is now: a later change in the same input publishes
+    /// again.
+    fn publish(&mut self) {
+        let snapshot = self.snapshot(None);
+        self.out.push(Effect::Publish(Box::new(snapshot)));
     }
 
     /// A slot changed: publish, and tell followers about the slot.
@@ -765,10 +779,23 @@ impl Core {
             return;
         }
         let concurrency = self.config.concurrency;
-        while let Some(decision) =
-            scheduler::next(&self.queue, &self.slots, &self.images, &self.orphans, self.running(), concurrency)
-        {
+        while let Some(decision) = scheduler::next(
+            &self.queue,
+            &self.slots,
+            &self.images,
+            &self.stale,
+            &self.orphans,
+            self.running(),
+            concurrency,
+        ) {
             match decision {
+                Decision::Stale(image) => {
+                    let message = "image changed since it was prepared: preparing it again".to_owned();
+                    self.note(Level::Info, &image, message);
+                    self.stale.retain(|s| *s != image);
+                    self.images.forget(&image);
+                    self.prepare(&image, Rebuild::IfNeeded);
+                }
                 Decision::Forget { job } => self.queue.retain(|&j| j != job),
                 Decision::Prepare(image) => self.prepare(&image, Rebuild::IfNeeded),
                 Decision::Fail { job, slot, error } => {

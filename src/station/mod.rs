@@ -106,7 +106,6 @@ pub struct Station {
     prepared: HashMap<PathBuf, Arc<Prepared>>,
     /// Running jobs' stop switches and byte counts.
     jobs: HashMap<u64, (Cancel, Arc<JobProgress>)>,
-    history: history::History,
     tx: mpsc::Sender<Msg>,
     rx: mpsc::Receiver<Msg>,
     rescan: mpsc::Sender<crate::udev::Request>,
@@ -128,19 +127,17 @@ impl Station {
         rescan: mpsc::Sender<crate::udev::Request>,
         http: Option<String>,
         interrupted: Vec<inflight::InFlight>,
-    ) -> anyhow::Result<(Self, Handles)> {
+    ) -> (Self, Handles) {
         let (tx, rx) = mpsc::channel(256);
         let core = Core::new(config);
         let (publish, snapshots) = watch::channel(Arc::new(core.snapshot(http.clone())));
         let heartbeat = Arc::new(AtomicU64::new(0));
         let (events, follow) = broadcast::channel(1024);
-        let history = history::History::start().map_err(|e| anyhow::anyhow!("cannot start the history writer: {e}"))?;
         let station = Self {
             core,
             interrupted,
             prepared: HashMap::new(),
             jobs: HashMap::new(),
-            history,
             tx: tx.clone(),
             rx,
             rescan,
@@ -149,7 +146,7 @@ impl Station {
             heartbeat: Arc::clone(&heartbeat),
             http,
         };
-        Ok((station, Handles { tx, snapshots, events: follow, heartbeat }))
+        (station, Handles { tx, snapshots, events: follow, heartbeat })
     }
 
     /// Runs until `shutdown`, then stops every job (its slot becomes
@@ -224,7 +221,7 @@ impl Station {
             return;
         };
         if ev.is_removal() {
-            return self.apply(Input::CardGone { port });
+            return self.apply(Input::CardGone { port, devnode: ev.devnode });
         }
         let at_start = ev.action == Action::Existing;
         let card = Card {
@@ -254,17 +251,22 @@ impl Station {
     /// One input through the core and its effects through the shell; the
     /// reply, if the input was a command.
     fn run_core(&mut self, input: Input) -> Option<Result<String, String>> {
-        if matches!(
+        // Prepared images replaced or rewritten since: a card about to be
+        // given a writer for one waits for the new version instead.
+        let may_start = matches!(
             input,
             Input::CardSeen { .. }
                 | Input::Finished { .. }
                 | Input::Prepared { .. }
                 | Input::Retry { .. }
                 | Input::Reload(_)
-        ) {
-            self.notice_changed_images();
-        }
-        let effects = self.core.handle(input, Now::current());
+        );
+        let stale: Vec<PathBuf> = if may_start {
+            self.prepared.iter().filter(|(_, p)| p.changed()).map(|(image, _)| image.clone()).collect()
+        } else {
+            Vec::new()
+        };
+        let effects = self.core.handle(input, Now::current(), &stale);
         let mut reply = None;
         for effect in effects {
             if let Some(r) = self.execute(effect) {
@@ -272,19 +274,6 @@ impl Station {
             }
         }
         reply
-    }
-
-    /// An image replaced or rewritten since it was prepared: the cards
-    /// waiting for it wait for the new version. Checked before every input
-    /// that may start a job, so no job starts with a stale image.
-    fn notice_changed_images(&mut self) {
-        for image in self.core.ready_images() {
-            if self.prepared.get(&image).is_some_and(|p| p.changed()) {
-                for effect in self.core.handle(Input::ImageChanged { image }, Now::current()) {
-                    self.execute(effect);
-                }
-            }
-        }
     }
 
     fn execute(&mut self, effect: Effect) -> Option<Result<String, String>> {
@@ -315,16 +304,17 @@ impl Station {
                 let line = logging::slot_line(line);
                 let _ = self.events.send(Event::Log(Arc::new(line)));
             }
-            Effect::Note { level, message, image } => logging::note(level, &message, image.as_deref()),
-            Effect::History(record) => self.history.append(&self.core.config().state_dir, *record),
+            Effect::Note { level, message, fields } => logging::note(level, &message, &fields),
+            Effect::History(record) => history::append(&self.core.config().state_dir, &record),
             Effect::Finished(record) => {
                 let _ = self.events.send(Event::Finished(Arc::new(*record)));
             }
             Effect::Slot(status) => {
                 let _ = self.events.send(Event::Slot(Arc::new(*status)));
             }
-            Effect::Publish => {
-                self.publish.send_replace(Arc::new(self.core.snapshot(self.http.clone())));
+            Effect::Publish(mut snapshot) => {
+                snapshot.http.clone_from(&self.http);
+                self.publish.send_replace(Arc::new(*snapshot));
             }
             Effect::Reply(reply) => return Some(reply),
         }

@@ -1,8 +1,8 @@
 //! Which waiting card gets a writer next: first in, first out, while fewer
 //! than `concurrency` jobs run (those of replaced cards included).
 //!
-//! A card whose image is still being prepared keeps its place, and does not
-//! hold up the cards behind it; one whose image failed fails with the
+//! A card whose image is still being prepared, or changed on disk since it
+//! was, keeps its place, and does not hold up the cards behind it; one whose image failed fails with the
 //! image's error; one whose device is still held by the job of the card it
 //! replaced waits for that job. Concurrency is a count of running jobs, not
 //! a pool of permits, so lowering and raising it in quick succession
@@ -24,6 +24,8 @@ pub(super) enum Decision {
     Forget { job: u64 },
     /// A waiting card needs this image, which nobody is preparing.
     Prepare(PathBuf),
+    /// A waiting card's image changed on disk since it was prepared.
+    Stale(PathBuf),
     /// The card's image is unusable: the card fails with its error.
     Fail { job: u64, slot: usize, error: String },
     /// Give the card a writer.
@@ -35,6 +37,7 @@ pub(super) fn next(
     queue: &VecDeque<u64>,
     slots: &[Slot],
     images: &Catalog,
+    stale: &[PathBuf],
     orphans: &HashMap<u64, (String, PathBuf)>,
     running: usize,
     concurrency: usize,
@@ -48,6 +51,9 @@ pub(super) fn next(
             None => return Some(Decision::Prepare(image.clone())),
             Some(ImageState::Preparing) => {}
             Some(ImageState::Failed(error)) => return Some(Decision::Fail { job, slot, error: error.clone() }),
+            // Replaced or rewritten since it was prepared: this card waits
+            // for the new version.
+            Some(ImageState::Ready(_)) if stale.contains(image) => return Some(Decision::Stale(image.clone())),
             // The job for the card this one replaced still holds the device.
             Some(ImageState::Ready(_))
                 if slots[slot].card.as_ref().is_some_and(|c| orphans.values().any(|(_, d)| *d == c.devnode)) => {}
