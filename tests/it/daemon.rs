@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::bed::{self, MIB, Reader, first_difference};
 use crate::fusecard::FaultyCard;
-use crate::station::{Daemon, Throttle, UdevRule, port, slot_of, slots_yaml};
+use crate::station::{Daemon, Throttle, UdevRule, one_slot_yaml, port, slot_of, slots_yaml};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -98,7 +98,7 @@ fn partition_rereads_after_the_write_start_no_second_job() {
     let reader = Reader::new();
     let image = bed.os_image("os.img", bed::Table::Mbr);
     // Byte-exact comparison below: keep the table as written.
-    let yaml = format!("image: {}\nexpand: false\nresize: false\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let yaml = one_slot_yaml(&image, &reader, "expand: false\nresize: false\n");
     let d = Daemon::start(&bed, &yaml);
     let card = bed.card("card", 160 * MIB);
     let inserted = reader.insert(&card);
@@ -186,8 +186,7 @@ fn cards_present_at_start_follow_flash_present_at_start() {
         let before = bed::sha256(&card);
         let inserted = reader.insert(&card);
         rule.apply(&inserted.dev);
-        let yaml =
-            format!("image: {}\nflash_present_at_start: {flash}\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+        let yaml = one_slot_yaml(&image, &reader, &format!("flash_present_at_start: {flash}\n"));
         let d = Daemon::start(&bed, &yaml);
         if flash {
             d.wait_slot("A1", "done", LONG);
@@ -258,7 +257,7 @@ fn sigterm_mid_write_interrupts_within_five_seconds() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.os_image("os.img", bed::Table::Gpt);
-    let mut d = Daemon::start(&bed, &format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)])));
+    let mut d = Daemon::start(&bed, &one_slot_yaml(&image, &reader, ""));
     let _slow = Throttle::new(d.pid(), &[&reader], 4 * MIB);
     let card = bed.card("card", 160 * MIB);
     let inserted = reader.insert(&card);
@@ -290,7 +289,7 @@ fn systemd_notifications_and_watchdog() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.random_image("img", 2 * MIB, 26);
-    let yaml = format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let yaml = one_slot_yaml(&image, &reader, "");
     let mut d = Daemon::start_with(&bed, &yaml, &[], &[("WATCHDOG_USEC", "400000")]);
     std::thread::sleep(Duration::from_millis(1100));
     let pings = d.notifications().iter().filter(|m| *m == "WATCHDOG=1").count();
@@ -320,7 +319,7 @@ fn journal_entries_carry_slot_fields() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.random_image("img", 2 * MIB, 27);
-    let yaml = format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let yaml = one_slot_yaml(&image, &reader, "");
     let d = Daemon::start_with(&bed, &yaml, &["--log", "journal"], &[]);
     let card = bed.card("card", 8 * MIB);
     let inserted = reader.insert(&card);
@@ -391,7 +390,7 @@ fn too_small_card_is_refused_untouched() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.random_image("img", 24 * MIB, 30);
-    let d = Daemon::start(&bed, &format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)])));
+    let d = Daemon::start(&bed, &one_slot_yaml(&image, &reader, ""));
     let card = bed.card("small", 16 * MIB);
     let before = bed::sha256(&card);
     let inserted = reader.insert(&card);
@@ -446,7 +445,7 @@ fn missing_image_fails_cards_until_it_appears() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.path("later.img");
-    let d = Daemon::start(&bed, &format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)])));
+    let d = Daemon::start(&bed, &one_slot_yaml(&image, &reader, ""));
     assert!(d.log().contains("No such file or directory"), "startup should warn: {}", d.log());
     let card = bed.card("card", 16 * MIB);
     let inserted = reader.insert(&card);

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::bed::{self, Bed, MIB, Reader, Rng, first_difference};
 use crate::fusecard::FaultyCard;
-use crate::station::{Daemon, Throttle, UdevRule, slot_of, slots_yaml};
+use crate::station::{Daemon, Throttle, UdevRule, one_slot_yaml, slot_of, slots_yaml};
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -73,7 +73,7 @@ fn every_kind_of_faulty_card_fails_with_its_reason() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.random_image("img", 16 * MIB, 71);
-    let d = Daemon::start(&bed, &format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)])));
+    let d = Daemon::start(&bed, &one_slot_yaml(&image, &reader, ""));
     type Fault = fn(&FaultyCard);
     let kinds: [(&str, Fault, &str); 8] = [
         ("EIO at one spot", |c| c.eio_at(9 * MIB + 4096), "failed at offset 8388608"),
@@ -188,7 +188,7 @@ fn kill_9_at_random_moments_never_leaves_a_valid_looking_card() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.os_image("os.img", bed::Table::Gpt);
-    let yaml = format!("image: {}\nexpand: true\nresize: true\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let yaml = one_slot_yaml(&image, &reader, "expand: true\nresize: true\n");
     let mut d = Daemon::start(&bed, &yaml);
     let mut rng = rng();
     let n = trials(3, 50);

@@ -30,6 +30,12 @@ pub fn slots_yaml(slots: &[(&str, &Reader)]) -> String {
     yaml
 }
 
+/// A station of one slot, A1 on `reader`, writing `image`; `settings` are
+/// more top-level lines (each ending in a newline).
+pub fn one_slot_yaml(image: &Path, reader: &Reader, settings: &str) -> String {
+    format!("image: {}\n{settings}{}", image.display(), slots_yaml(&[("A1", reader)]))
+}
+
 /// The test udev rule, installed while this lives. Each test installs its
 /// own copy (same content), so concurrent tests never remove another's.
 pub struct UdevRule(PathBuf);

@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use crate::bed::{self, MIB, Reader, first_difference};
-use crate::station::{Daemon, Throttle, UdevRule, slot_of, slots_yaml};
+use crate::station::{Daemon, Throttle, UdevRule, one_slot_yaml, slot_of, slots_yaml};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -36,7 +36,7 @@ fn damaged_cache_fails_the_card_and_is_rebuilt() {
     let reader = Reader::new();
     let image = bed.random_image("img", 12 * MIB, 91);
     let xz = bed.compress(&image, "xz");
-    let d = Daemon::start(&bed, &format!("image: {}\n{}", xz.display(), slots_yaml(&[("A1", &reader)])));
+    let d = Daemon::start(&bed, &one_slot_yaml(&xz, &reader, ""));
     let first = bed.card("first", 16 * MIB);
     let inserted = reader.insert(&first);
     d.wait_slot("A1", "done", LONG);
@@ -97,7 +97,7 @@ fn raw_image_replaced_under_the_same_name_is_prepared_again() {
     let v2 = bed.random_image("v2", 8 * MIB, 6);
     let v3 = bed.random_image("v3", 8 * MIB, 7);
     fs::copy(&v1, &path).unwrap();
-    let d = Daemon::start(&bed, &format!("image: {}\n{}", path.display(), slots_yaml(&[("A1", &reader)])));
+    let d = Daemon::start(&bed, &one_slot_yaml(&path, &reader, ""));
 
     let flash = |name: &str| {
         let card = bed.card(name, 16 * MIB);
@@ -132,7 +132,7 @@ fn kill_9_mid_job_fails_the_card_after_restart_and_blanks_it() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.os_image("os.img", bed::Table::Gpt);
-    let mut d = Daemon::start(&bed, &format!("image: {}\n{}", image.display(), slots_yaml(&[("A1", &reader)])));
+    let mut d = Daemon::start(&bed, &one_slot_yaml(&image, &reader, ""));
     let slow = Throttle::new(d.pid(), &[&reader], 4 * MIB);
     let card = bed.card("card", 160 * MIB);
     let _inserted = reader.insert(&card);
@@ -222,7 +222,7 @@ fn archive_inside_a_compressor_fails_the_slot_without_touching_the_card() {
     bed.random_image("disk.img", 4 * MIB, 12);
     let tarxz = bed.path("disk.img.tar.xz");
     bed::run("tar", &["-cJf", tarxz.to_str().unwrap(), "-C", bed.path("").to_str().unwrap(), "disk.img"]);
-    let d = Daemon::start(&bed, &format!("image: {}\n{}", tarxz.display(), slots_yaml(&[("A1", &reader)])));
+    let d = Daemon::start(&bed, &one_slot_yaml(&tarxz, &reader, ""));
     let card = bed.card("card", 16 * MIB);
     bed::run(
         "dd",
@@ -245,8 +245,7 @@ fn counterfeit_card_fails_before_it_is_expanded() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.os_image_with("os.img", &bed::OsSpec { table: bed::Table::Mbr, ..bed::OsSpec::default() });
-    let yaml =
-        format!("image: {}\nexpand: true\nresize: true\n{}", image.path.display(), slots_yaml(&[("A1", &reader)]));
+    let yaml = one_slot_yaml(&image.path, &reader, "expand: true\nresize: true\n");
     let d = Daemon::start(&bed, &yaml);
     let mnt = bed.path("fuse");
     fs::create_dir_all(&mnt).unwrap();
@@ -275,7 +274,7 @@ fn stop_during_resize_kills_the_tool_and_blanks_the_card() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.os_image("os.img", bed::Table::Gpt);
-    let yaml = format!("image: {}\nexpand: true\nresize: true\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let yaml = one_slot_yaml(&image, &reader, "expand: true\nresize: true\n");
     let mut d = Daemon::start(&bed, &yaml);
     let _slow = Throttle::new(d.pid(), &[&reader], 24 * MIB);
     let card = bed.card("card", 64 * 1024 * MIB);
@@ -302,7 +301,7 @@ fn nothing_gets_the_card_between_stages() {
     let _rule = UdevRule::install();
     let reader = Reader::new();
     let image = bed.random_image("img", 16 * MIB, 44);
-    let yaml = format!("image: {}\nexpand: true\nresize: true\n{}", image.display(), slots_yaml(&[("A1", &reader)]));
+    let yaml = one_slot_yaml(&image, &reader, "expand: true\nresize: true\n");
     let d = Daemon::start(&bed, &yaml);
     let _slow = Throttle::new(d.pid(), &[&reader], 8 * MIB);
     let card = bed.card("card", 64 * MIB);
